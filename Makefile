@@ -1,0 +1,64 @@
+# The two commands a newcomer types (each sets up .venv first if needed):
+#   make default   run the embedded default config: every figure, on the CPU, in minutes
+#   make test      run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+
+XLA_VENV := .venv-xla
+XLA_STAMP := $(XLA_VENV)/.installed
+
+.PHONY: default test test-slurm test-xla lint resume report bench clean help
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[workflow,dev]"
+	touch $(STAMP)
+
+default: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slurm and not xla" -q
+
+# A real single-node SLURM cluster (installs Debian's slurm packages; needs root), the tiny config
+# through the SLURM executor, compared with a local run; stops the daemons it started.
+test-slurm: $(STAMP)
+	$(BIN)/python -m pytest -m slurm -q tests/test_slurm.py
+
+# device: xla on the CPU PJRT device, in its own environment (torch 2.9.0 + torch-xla 2.9.0).
+$(XLA_STAMP): pyproject.toml
+	test -x $(XLA_VENV)/bin/python || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/pip install --quiet torch==2.9.0 torch-xla==2.9.0
+	$(XLA_VENV)/bin/pip install --quiet numpy scipy scikit-learn h5py pyarrow pandas matplotlib \
+		tqdm pyyaml jsonschema pillow pytest
+	$(XLA_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $(XLA_STAMP)
+
+test-xla: $(XLA_STAMP)
+	PJRT_DEVICE=CPU REQUIRE_XLA=1 $(XLA_VENV)/bin/python -m pytest -m xla -q -p no:cacheprovider \
+		tests/test_xla.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests workflow/scripts benchmarks
+	$(BIN)/snakemake --lint
+
+resume: $(STAMP)
+	$(BIN)/snakemake --unlock
+	$(BIN)/snakemake --profile profiles/local
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --report results/report.html
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf results .snakemake

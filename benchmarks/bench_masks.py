@@ -1,0 +1,138 @@
+"""Mask training step: K = 4 mask samples in one batched (vmapped) forward/backward, against K
+sequential masked passes with gradients accumulated, and against a plain unmasked training step.
+
+Two sequential baselines:
+
+- ``seq-full``: K passes over the same batch of B items, one mask sample each (K samples per
+  step without the batching trick; target: seq-full / batched >= 2);
+- ``seq-split``: K passes over B/K items each, the batched step's exact work done one sample at a
+  time (isolates what batching itself saves: per-op overhead and launches, against cache
+  locality of the per-sample elementwise mask ops).
+
+Each mode does a full step: sample the masks, forward, backward, clip, Adam. Prints
+milliseconds per step side by side.
+
+    .venv/bin/python benchmarks/bench_masks.py [--threads 1] [--steps 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.func import functional_call
+
+from pipeline import devices
+from pipeline.masks.batched import model_weights, sampled_outputs
+from pipeline.masks.layers import masked_layers, masked_params
+from pipeline.masks.sampling import init_logits, sample_all
+from pipeline.models import build
+from pipeline.train.optim import multi_head_ce
+
+K, BATCH = 4, 128
+CASES = [  # name, model, input shape, outputs, heads, options
+    ("digits MLP 32-32 (default)", "mlp", (1, 8, 8), 10, 1, {"widths": [32, 32]}),
+    ("addmul MLP 384-384 (test)", "mlp", (42,), 20, 2, {"widths": [384, 384]}),
+    ("addmul MLP 400-400-200", "mlp", (42,), 20, 2, {"widths": [400, 400, 200]}),
+    ("addmul MLP 4x800", "mlp", (42,), 20, 2, {"widths": [800] * 4}),
+    ("CIFAR CNN (width 0.5)", "modules_cnn", (3, 32, 32), 10, 1, {"width": 0.5}),
+]
+
+
+def _data(shape, outputs, heads, device):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, *shape, generator=gen).to(device)
+    classes = outputs // heads
+    y = torch.randint(0, classes, (BATCH, heads) if heads > 1 else (BATCH,), generator=gen)
+    return x, y.to(device)
+
+
+def _timed(step, steps, device) -> float:
+    for _ in range(3):
+        step()
+    devices.sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    devices.sync(device)
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def bench(name, model_name, shape, outputs, heads, options, steps, device):
+    model = build(model_name, shape, outputs, options, seed=0).to(device).eval()
+    weights = model_weights(model)
+    names = masked_params(masked_layers(model, shape))
+    logits = init_logits(weights, names, 2.0)
+    opt = torch.optim.Adam(list(logits.values()), lr=1e-2)
+    noise = torch.Generator(device=device).manual_seed(0)
+    x, y = _data(shape, outputs, heads, device)
+
+    def finish(task):
+        reg = sum(l.sum() for l in logits.values()) * (1e-4 / BATCH)
+        reg.backward()
+        torch.nn.utils.clip_grad_norm_(list(logits.values()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return task
+
+    def batched():
+        samples = sample_all(logits, K, noise)
+        task = multi_head_ce(sampled_outputs(model, weights, samples, x), y)
+        task.backward()
+        finish(task)
+
+    def sequential(per):
+        for k in range(K):
+            sample = sample_all(logits, 1, noise)
+            params = {n: w * sample[n][0] if n in sample else w for n, w in weights.items()}
+            block = slice(k * per, (k + 1) * per) if per < BATCH else slice(None)
+            out = functional_call(model, params, (x[block],))
+            (multi_head_ce(out, y[block]) / K).backward()
+        finish(None)
+
+    plain_model = build(model_name, shape, outputs, options, seed=0).to(device).train()
+    plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
+
+    def plain():
+        loss = multi_head_ce(plain_model(x), y)
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), 1.0)
+        plain_opt.step()
+
+    t_batched = _timed(batched, steps, device)
+    t_full = _timed(lambda: sequential(BATCH), steps, device)
+    t_split = _timed(lambda: sequential(BATCH // K), steps, device)
+    t_plain = _timed(plain, steps, device)
+    masked = sum(weights[n].numel() for n in names)
+    print(
+        f"{name:28s} {masked:>10,d} {t_plain:8.2f} {t_batched:8.2f} {t_full:8.2f} "
+        f"{t_split:8.2f} {t_full / t_batched:8.2f}x {t_split / t_batched:8.2f}x "
+        f"{t_batched / t_plain:8.2f}x",
+        flush=True,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = devices.resolve(args.device)
+    print(
+        f"K = {K} mask samples, batch {BATCH}, {args.threads} thread(s), {device}; "
+        "ms per step (sample, forward, backward, clip, Adam)"
+    )
+    print(
+        f"{'model':28s} {'masked w':>10s} {'plain':>8s} {'batched':>8s} {'seq-full':>8s} "
+        f"{'seq-split':>8s} {'full/bat':>9s} {'split/bat':>9s} {'bat/plain':>9s}"
+    )
+    for case in CASES:
+        bench(*case, args.steps, device)
+
+
+if __name__ == "__main__":
+    main()

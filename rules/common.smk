@@ -1,0 +1,346 @@
+# All the Python of the workflow: config validation, wildcard constraints, input functions.
+# Cheap at parse time: no torch, no file reads beyond the config (dry runs of 10,000 jobs).
+import os
+import re
+import sys
+
+# The jobs import the installed package (pip install -e .); the parser reads this checkout's.
+sys.path.insert(0, os.path.join(workflow.basedir, "src"))
+
+from pipeline.config import ConfigError, Plan  # noqa: E402
+from pipeline.metrics import register_metric  # noqa: E402
+from pipeline.registry import source_constant, source_fingerprint  # noqa: E402
+
+try:
+    PLAN = Plan.from_config(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+STUDIES = list(PLAN.runs)
+FIGURES = PLAN.figures()
+CHUNKED = [s for s in STUDIES if PLAN.study(s).get("runs_per_job", 1) > 1]
+TRACED = [s for s in STUDIES if PLAN.study(s).get("train", {}).get("mechanics", False)]
+MECHANICS = [s for s in TRACED if s not in CHUNKED]
+MASKS = [s for s in STUDIES if "masks" in PLAN.study(s)]
+TELEPORT_GRID = [
+    s
+    for s in STUDIES
+    if "teleport" in PLAN.study(s)
+    or any(k.startswith("teleport.") for k in PLAN.study(s).get("sweep", {}))
+]
+INTERPOLATION = [s for s in STUDIES if "interpolation" in PLAN.study(s)]
+#: analysis-only study kinds: the table each writes, and the function that computes it
+ANALYSIS_TABLES = {
+    "teleport_micro": ("micro", "pipeline.teleport.tables", "micro_table"),
+    "teleport_statistics": ("statistics", "pipeline.teleport.tables", "statistics_table"),
+    "teleport_histograms": ("histograms", "pipeline.teleport.tables", "histogram_table"),
+}
+ANALYSIS = [s for s in STUDIES if PLAN.study(s)["kind"] in ANALYSIS_TABLES]
+MODELSYM = [s for s in STUDIES if PLAN.study(s)["kind"] == "modelsym"]
+RECOVERY = [s for s in STUDIES if PLAN.study(s)["kind"] == "recovery"]
+PRUNE = [s for s in STUDIES if "prune" in PLAN.study(s)]
+TRANSFER = [s for s in STUDIES if "transfer" in PLAN.study(s)]
+PLAIN = [s for s in STUDIES if s not in MECHANICS and s not in CHUNKED]
+DEVICE = config.get("device", "cpu")
+THREADS = config.get("threads", 1)
+
+
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+wildcard_constraints:
+    study=_alternatives(STUDIES),
+    run=r"[^/]+~[^/]+(?:/[^/]+~[^/]+)*",
+    metric=_alternatives(register_metric.names()),
+    figure=_alternatives(FIGURES),
+
+
+# -- targets ----------------------------------------------------------------------------------
+def all_targets():
+    """Every figure, every metric table a study lists, and every science's tables."""
+    tables = [
+        f"results/{study}/cache/{metric}.parquet"
+        for study in STUDIES
+        for metric in PLAN.study(study).get("metrics", [])
+    ]
+    tables += [f"results/{study}/masks/tables/accuracy.parquet" for study in MASKS]
+    tables += [f"results/{study}/tables/validation.parquet" for study in TELEPORT_GRID]
+    tables += [f"results/{study}/tables/interpolation.parquet" for study in INTERPOLATION]
+    tables += [
+        f"results/{s}/tables/{ANALYSIS_TABLES[PLAN.study(s)['kind']][0]}.parquet" for s in ANALYSIS
+    ]
+    tables += [f"results/{s}/tables/recovery.parquet" for s in RECOVERY]
+    tables += [
+        f"results/{s}/tables/lottery.parquet"
+        for s in RECOVERY + PRUNE
+        if "lottery" in PLAN.study(s) or "prune" in PLAN.study(s)
+    ]
+    tables += [
+        f"results/{s}/tables/{part}.parquet"
+        for s in MODELSYM
+        for part in ("alignment", "stitching", "rotation")
+        if part in PLAN.study(s)
+    ]
+    tables += [f"results/{study}/transfer/accuracy.parquet" for study in TRANSFER]
+    return [f"results/{fig}.pdf" for fig in FIGURES] + tables
+
+
+def run_dir(study, run):
+    return f"results/{study}/runs/{run}"
+
+
+def run_files(study):
+    """The declared outputs of a run of ``study`` (file names in its directory)."""
+    files = ["final.pt", "history.parquet", "hparams.json", "checkpoints.json", "summary.json"]
+    if PLAN.study(study).get("train", {}).get("mechanics", False):
+        files.append("trace.h5")
+    return files
+
+
+def _chunks(study):
+    size, runs = PLAN.study(study)["runs_per_job"], PLAN.runs[study]
+    return [(study, i // size, runs[i : i + size]) for i in range(0, len(runs), size)]
+
+
+#: (study, chunk index, runs) for studies that train ``runs_per_job`` runs per job
+TRAIN_CHUNKS = [chunk for study in CHUNKED for chunk in _chunks(study)]
+
+
+# -- train ------------------------------------------------------------------------------------
+def train_params(wildcards):
+    """Only the non-default hyperparameters: a new field with a default re-runs nothing."""
+    return PLAN.run(wildcards.study, wildcards.run).nondefault
+
+
+def study_resources(wildcards, key, default):
+    return PLAN.study(wildcards.study).get("resources", {}).get(key, default)
+
+
+def train_threads(wildcards):
+    return study_resources(wildcards, "threads", THREADS)
+
+
+# -- cache ------------------------------------------------------------------------------------
+def metric_needs(metric):
+    return register_metric.entry(metric).meta.get("needs", ("history",))
+
+
+def cache_inputs(wildcards):
+    """The files the metric declares it needs (``@register_metric(name, needs=...)``)."""
+    study, runs = wildcards.study, PLAN.runs[wildcards.study]
+    needs = metric_needs(wildcards.metric)
+    inputs = {"summary": [f"{run_dir(study, r.name)}/summary.json" for r in runs]}
+    if "extract" in needs:
+        inputs["extract"] = [f"results/{study}/extract/{r.name}.h5" for r in runs]
+    if "trace" in needs and study in TRACED:
+        inputs["trace"] = [f"{run_dir(study, r.name)}/trace.h5" for r in runs]
+    return inputs
+
+
+def cache_runs(wildcards):
+    return [r.name for r in PLAN.runs[wildcards.study]]
+
+
+def metric_fingerprint(wildcards):
+    return register_metric.fingerprint(wildcards.metric)
+
+
+# -- figures ----------------------------------------------------------------------------------
+def figure_spec(wildcards):
+    return FIGURES[wildcards.figure][1]
+
+
+def figure_study(wildcards):
+    return FIGURES[wildcards.figure][0]
+
+
+def science_table(study, table):
+    """The file of a table a study's science writes (figures name it with ``table:``)."""
+    if study in MASKS:
+        return f"results/{study}/masks/tables/{table}.parquet"
+    return f"results/{study}/tables/{table}.parquet"
+
+
+def figure_inputs(wildcards):
+    study, spec = FIGURES[wildcards.figure]
+    if "table" in spec:
+        return {"table": science_table(study, spec["table"])}
+    metric = spec.get("metric", "performance")
+    return {
+        "table": f"results/{study}/cache/{metric}.parquet",
+        "summary": f"results/{study}/cache/{metric}.summary.parquet",
+    }
+
+
+# -- teleportation ----------------------------------------------------------------------------
+def run_dirs(study):
+    """``run name -> run directory`` of every run of a study."""
+    return {r.name: run_dir(study, r.name) for r in PLAN.runs[study]}
+
+
+def grid_inputs(wildcards):
+    dirs = run_dirs(wildcards.study).values()
+    return [f"{d}/{f}" for d in dirs for f in ("summary.json", "history.parquet")]
+
+
+def interpolation_inputs(wildcards):
+    dirs = list(run_dirs(wildcards.study).values())[:2]
+    return [f"{d}/final.pt" for d in dirs]
+
+
+def analysis_fingerprint(wildcards):
+    _, module, function = ANALYSIS_TABLES[PLAN.study(wildcards.study)["kind"]]
+    return source_fingerprint(module, function)
+
+
+# -- modelsym: zoos, features, alignment, stitching --------------------------------------------
+from pipeline.zoo import study as zoo_study  # noqa: E402
+
+
+def member_file(study, zoo, seed):
+    """A zoo member's file: from its vectorised chunk, or selected from its own run."""
+    block = PLAN.study(study)["zoos"][zoo]
+    if block.get("vectorised", False):
+        for c, seeds in enumerate(zoo_study.chunks(PLAN.study(study), zoo)):
+            if int(seed) in seeds:
+                return f"results/{study}/zoo/{zoo}/chunk~{c}/seed~{seed}.pt"
+        raise WorkflowError(f"study {study}: zoo {zoo} has no seed {seed}")
+    return f"results/{study}/zoo/{zoo}/selected/seed~{seed}.pt"
+
+
+def features_file(study, zoo, seed):
+    return f"results/{study}/features/{zoo}/seed~{seed}.h5"
+
+
+#: (study, zoo, chunk index, seeds) of every vectorised zoo job
+ZOO_CHUNKS = [
+    (s, zoo, c, seeds)
+    for s in MODELSYM
+    for zoo, block in PLAN.study(s)["zoos"].items()
+    if block.get("vectorised", False)
+    for c, seeds in enumerate(zoo_study.chunks(PLAN.study(s), zoo))
+]
+
+
+def pair_entries(study, part):
+    """Every sampled pair of the zoos a study's ``part`` (alignment, stitching) uses."""
+    spec = PLAN.study(study)
+    zoos = spec[part].get("zoos") or list(spec["zoos"])
+    return [
+        {"zoo": zoo, "seed_a": a, "seed_b": b,
+         "member_a": member_file(study, zoo, a), "member_b": member_file(study, zoo, b),
+         "features_a": features_file(study, zoo, a), "features_b": features_file(study, zoo, b)}
+        for zoo in zoos
+        for a, b in zoo_study.pairs(spec, zoo)
+    ]
+
+
+def pair_files(part, keys):
+    def inputs(wildcards):
+        entries = pair_entries(wildcards.study, part)
+        return sorted({e[k] for e in entries for k in keys})
+
+    return inputs
+
+
+def rotation_members(wildcards):
+    spec = PLAN.study(wildcards.study)
+    zoos = spec["rotation"].get("zoos") or list(spec["zoos"])
+    return [
+        {"zoo": zoo, "seed": seed, "member": member_file(wildcards.study, zoo, seed)}
+        for zoo in zoos
+        for seed in spec["zoos"][zoo]["seeds"]
+    ]
+
+
+def modelsym_keys(study, part):
+    spec = PLAN.study(study)[part]
+    return list(spec["metrics"] if part == "alignment" else spec["types"])
+
+
+# -- recovery (Expand-and-Cluster) and lottery tickets -----------------------------------------
+from pipeline.recovery import plan as recovery_plan  # noqa: E402
+
+PROBLEMS = {s: recovery_plan.problems(PLAN.study(s)) for s in RECOVERY}
+RECOVERY_TABLES = ("recovery", "neurons", "students_history", "finetune_history")
+
+
+def problem(wildcards):
+    return PROBLEMS[wildcards.study][wildcards.problem]
+
+
+def resolved_teacher(wildcards):
+    """The problem's teacher, a trained run's directory for ``kind: run``."""
+    teacher = dict(problem(wildcards)["teacher"])
+    if teacher.get("kind") == "run":
+        return {"kind": "run", "run_dir": run_dir(teacher["study"], teacher["run"])}
+    return teacher
+
+
+def teacher_inputs(wildcards):
+    teacher = resolved_teacher(wildcards)
+    if teacher.get("kind") != "run":
+        return []
+    return [f"{teacher['run_dir']}/final.pt", f"{teacher['run_dir']}/hparams.json"]
+
+
+def recovery_collect_inputs(wildcards):
+    name = wildcards.table
+    stage = "students" if name == "students_history" else "cluster"
+    return [
+        f"results/{wildcards.study}/recovery/{p}/{stage}/{name}.parquet"
+        for p in PROBLEMS[wildcards.study]
+    ]
+
+
+def lottery_strategies(study):
+    spec = PLAN.study(study)
+    return (spec.get("lottery") or spec.get("prune") or {}).get("strategies", ["sparse_global"])
+
+
+def lottery_inputs(wildcards):
+    study = wildcards.study
+    strategies = lottery_strategies(study)
+    if study in RECOVERY:
+        return [
+            f"results/{study}/recovery/{p}/lottery/{s}/lottery.parquet"
+            for p in PROBLEMS[study]
+            for s in strategies
+        ]
+    return [
+        f"results/{study}/prune/{r.name}/{s}/lottery.parquet"
+        for r in PLAN.runs[study]
+        for s in strategies
+    ]
+
+
+def lottery_settings(wildcards):
+    spec = PLAN.study(wildcards.study)
+    block = dict(spec.get("lottery") or spec.get("prune"))
+    block.pop("strategies", None)
+    return {**block, "strategy": wildcards.strategy}
+
+
+# -- masks ------------------------------------------------------------------------------------
+def masks_spec(wildcards):
+    return PLAN.study(wildcards.study)["masks"]
+
+
+def masks_tables_inputs(wildcards):
+    return [f"results/{wildcards.study}/masks/{r.name}/tables" for r in PLAN.runs[wildcards.study]]
+
+
+def package_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "numpy", "scipy", "pandas", "h5py", "matplotlib", "snakemake"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+VERSIONS = package_versions()

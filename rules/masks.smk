@@ -1,0 +1,106 @@
+# Weight masks (Csordas et al.): every stage's mask on each run's final network, the modularity
+# tables per run, then one table per kind for the study; and the permuted-input transfer.
+MASK_TABLES = source_constant("pipeline.masks.study", "TABLES")
+
+
+rule masks_train:
+    input:
+        final="results/{study}/runs/{run}/final.pt",
+        hparams="results/{study}/runs/{run}/hparams.json",
+    output:
+        directory("results/{study}/masks/{run}/stages"),
+    log:
+        "results/{study}/logs/masks_train/{run}.log",
+    benchmark:
+        "results/{study}/benchmarks/masks_train/{run}.tsv"
+    wildcard_constraints:
+        study=_alternatives(MASKS),
+    params:
+        spec=masks_spec,
+        fingerprint=source_fingerprint("pipeline.masks.study", "train_stages"),
+        device=DEVICE,
+        data_dir=config.get("data_dir", "data"),
+    threads: train_threads
+    resources:
+        mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
+        runtime=lambda w: study_resources(w, "runtime", 60),
+        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/masks_train.py"
+
+
+rule masks_analyse:
+    input:
+        stages="results/{study}/masks/{run}/stages",
+        final="results/{study}/runs/{run}/final.pt",
+    output:
+        directory("results/{study}/masks/{run}/tables"),
+    log:
+        "results/{study}/logs/masks_analyse/{run}.log",
+    benchmark:
+        "results/{study}/benchmarks/masks_analyse/{run}.tsv"
+    wildcard_constraints:
+        study=_alternatives(MASKS),
+    params:
+        spec=masks_spec,
+        fingerprint=source_fingerprint("pipeline.masks.study", "analyse"),
+        device=DEVICE,
+        data_dir=config.get("data_dir", "data"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/masks_analyse.py"
+
+
+rule masks_collect:
+    input:
+        masks_tables_inputs,
+    output:
+        expand("results/{{study}}/masks/tables/{table}.parquet", table=MASK_TABLES),
+    log:
+        "results/{study}/logs/masks_collect.log",
+    benchmark:
+        "results/{study}/benchmarks/masks_collect.tsv"
+    wildcard_constraints:
+        study=_alternatives(MASKS),
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/masks_collect.py"
+
+
+rule masks_transfer:
+    output:
+        accuracy="results/{study}/transfer/accuracy.parquet",
+        sharing="results/{study}/transfer/sharing.parquet",
+        masks="results/{study}/transfer/masks.pt",
+    log:
+        "results/{study}/logs/masks_transfer.log",
+    benchmark:
+        "results/{study}/benchmarks/masks_transfer.tsv"
+    wildcard_constraints:
+        study=_alternatives(TRANSFER),
+    params:
+        study=lambda w: PLAN.study(w.study),
+        fingerprint=source_fingerprint("pipeline.masks.study", "run_transfer"),
+        device=DEVICE,
+        data_dir=config.get("data_dir", "data"),
+    threads: train_threads
+    resources:
+        mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
+        runtime=lambda w: study_resources(w, "runtime", 120),
+        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/masks_transfer.py"

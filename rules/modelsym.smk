@@ -1,0 +1,197 @@
+# Model zoos, representation alignment and stitching (Godfrey et al.): members (vectorised zoo
+# jobs, or ordinary runs selected on validation), their features on a probe set, every similarity
+# measure and stitching type over sampled pairs, the rotation control, one table per part.
+from pipeline.alignment import register_similarity
+from pipeline.stitching import register_stitching_layer
+
+
+for study, zoo, chunk, seeds in ZOO_CHUNKS:
+
+    rule:
+        name:
+            f"zoo_{study}_{zoo}_chunk{chunk}"
+        output:
+            members=[member_file(study, zoo, s) for s in seeds],
+            summary=f"results/{study}/zoo/{zoo}/chunk~{chunk}/summary.json",
+        log:
+            f"results/{study}/logs/zoo/{zoo}/chunk{chunk}.log",
+        benchmark:
+            f"results/{study}/benchmarks/zoo/{zoo}/chunk{chunk}.tsv"
+        params:
+            hparams=zoo_study.zoo_hparams(PLAN.study(study), zoo),
+            seeds=seeds,
+            device=DEVICE,
+            data_dir=config.get("data_dir", "data"),
+        threads: PLAN.study(study).get("resources", {}).get("threads", max(THREADS, 2))
+        resources:
+            mem_mb=PLAN.study(study).get("resources", {}).get("mem_mb", 4000),
+            runtime=PLAN.study(study).get("resources", {}).get("runtime", 120),
+            gpu=PLAN.study(study).get("resources", {}).get("gpus", 1 if DEVICE == "cuda" else 0),
+        conda:
+            "../workflow/envs/pipeline.yaml"
+        script:
+            "../workflow/scripts/zoo_train.py"
+
+
+rule zoo_select:
+    input:
+        manifest="results/{study}/runs/zoo~{zoo}/seed~{seed}/checkpoints.json",
+        final="results/{study}/runs/zoo~{zoo}/seed~{seed}/final.pt",
+    output:
+        "results/{study}/zoo/{zoo}/selected/seed~{seed}.pt",
+    log:
+        "results/{study}/logs/zoo_select/{zoo}/seed~{seed}.log",
+    benchmark:
+        "results/{study}/benchmarks/zoo_select/{zoo}/seed~{seed}.tsv"
+    wildcard_constraints:
+        study=_alternatives(MODELSYM),
+        seed=r"\d+",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/zoo_select.py"
+
+
+for study in MODELSYM:
+    for zoo, block in PLAN.study(study)["zoos"].items():
+
+        rule:
+            name:
+                f"features_{study}_{zoo}"
+            input:
+                [member_file(study, zoo, s) for s in block["seeds"]],
+            output:
+                [features_file(study, zoo, s) for s in block["seeds"]],
+            log:
+                f"results/{study}/logs/features/{zoo}.log",
+            benchmark:
+                f"results/{study}/benchmarks/features/{zoo}.tsv"
+            params:
+                probe=PLAN.study(study).get("probe", {}),
+                device=DEVICE,
+                data_dir=config.get("data_dir", "data"),
+            threads: 1
+            resources:
+                mem_mb=4000,
+                runtime=30,
+            conda:
+                "../workflow/envs/pipeline.yaml"
+            script:
+                "../workflow/scripts/zoo_features.py"
+
+
+rule alignment:
+    input:
+        pair_files("alignment", ("member_a", "member_b", "features_a", "features_b")),
+    output:
+        "results/{study}/alignment/{similarity}.parquet",
+    log:
+        "results/{study}/logs/alignment/{similarity}.log",
+    benchmark:
+        "results/{study}/benchmarks/alignment/{similarity}.tsv"
+    wildcard_constraints:
+        study=_alternatives(MODELSYM),
+        similarity=_alternatives(register_similarity.names()),
+    params:
+        entries=lambda w: pair_entries(w.study, "alignment"),
+        options=lambda w: PLAN.study(w.study)["alignment"]["metrics"][w.similarity],
+        fingerprint=lambda w: register_similarity.fingerprint(w.similarity),
+        device=DEVICE,
+        data_dir=config.get("data_dir", "data"),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/alignment.py"
+
+
+rule stitching:
+    input:
+        pair_files("stitching", ("member_a", "member_b")),
+    output:
+        "results/{study}/stitching/{stitch}.parquet",
+    log:
+        "results/{study}/logs/stitching/{stitch}.log",
+    benchmark:
+        "results/{study}/benchmarks/stitching/{stitch}.tsv"
+    wildcard_constraints:
+        study=_alternatives(MODELSYM),
+    params:
+        spec=lambda w: PLAN.study(w.study)["stitching"]["types"][w.stitch],
+        entries=lambda w: pair_entries(w.study, "stitching"),
+        layers=lambda w: PLAN.study(w.study)["stitching"].get("layers", "activations"),
+        settings=lambda w: PLAN.study(w.study)["stitching"].get("settings", {}),
+        fingerprint=lambda w: register_stitching_layer.fingerprint(
+            PLAN.study(w.study)["stitching"]["types"][w.stitch]["type"]
+        )
+        + source_fingerprint("pipeline.stitching.train", "stitch_pair"),
+        device=DEVICE,
+        data_dir=config.get("data_dir", "data"),
+    threads: train_threads
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/stitching.py"
+
+
+rule rotation:
+    input:
+        lambda w: [m["member"] for m in rotation_members(w)],
+    output:
+        "results/{study}/tables/rotation.parquet",
+    log:
+        "results/{study}/logs/rotation.log",
+    benchmark:
+        "results/{study}/benchmarks/rotation.tsv"
+    wildcard_constraints:
+        study=_alternatives(MODELSYM),
+    params:
+        members=rotation_members,
+        options=lambda w: PLAN.study(w.study)["rotation"],
+        fingerprint=source_fingerprint("pipeline.stitching.rotation", "rotation_control"),
+        device=DEVICE,
+        data_dir=config.get("data_dir", "data"),
+    threads: train_threads
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/rotation.py"
+
+
+rule modelsym_collect:
+    input:
+        lambda w: [
+            f"results/{w.study}/{w.part}/{key}.parquet" for key in modelsym_keys(w.study, w.part)
+        ],
+    output:
+        "results/{study}/tables/{part}.parquet",
+    log:
+        "results/{study}/logs/collect_{part}.log",
+    benchmark:
+        "results/{study}/benchmarks/collect_{part}.tsv"
+    wildcard_constraints:
+        study=_alternatives(MODELSYM),
+        part="alignment|stitching",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/modelsym_collect.py"

@@ -1,0 +1,70 @@
+# Training: one job per run, or `runs_per_job` runs per job for studies of many small runs.
+# Resume state (checkpoints/, segments/) is not a declared output, so Snakemake never deletes
+# it: a job re-run after a kill resumes where it stopped.
+
+
+rule train:
+    output:
+        final="results/{study}/runs/{run}/final.pt",
+        history="results/{study}/runs/{run}/history.parquet",
+        hparams="results/{study}/runs/{run}/hparams.json",
+        manifest="results/{study}/runs/{run}/checkpoints.json",
+        summary="results/{study}/runs/{run}/summary.json",
+    log:
+        "results/{study}/logs/train/{run}.log",
+    benchmark:
+        "results/{study}/benchmarks/train/{run}.tsv"
+    wildcard_constraints:
+        study=_alternatives(PLAIN),
+    params:
+        hparams=train_params,
+        device=DEVICE,
+        data_dir=config.get("data_dir", "data"),
+    threads: train_threads
+    resources:
+        mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
+        runtime=lambda w: study_resources(w, "runtime", 60),
+        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+    conda:
+        "../workflow/envs/pipeline.yaml"
+    script:
+        "../workflow/scripts/train.py"
+
+
+use rule train as train_traced with:
+    output:
+        final="results/{study}/runs/{run}/final.pt",
+        history="results/{study}/runs/{run}/history.parquet",
+        hparams="results/{study}/runs/{run}/hparams.json",
+        manifest="results/{study}/runs/{run}/checkpoints.json",
+        summary="results/{study}/runs/{run}/summary.json",
+        trace="results/{study}/runs/{run}/trace.h5",
+    wildcard_constraints:
+        study=_alternatives(MECHANICS),
+
+
+for study, index, chunk in TRAIN_CHUNKS:
+
+    rule:
+        name:
+            f"train_{study}_chunk{index}"
+        output:
+            [f"{run_dir(study, r.name)}/{f}" for r in chunk for f in run_files(study)],
+        log:
+            f"results/{study}/logs/train/chunk{index}.log",
+        benchmark:
+            f"results/{study}/benchmarks/train/chunk{index}.tsv"
+        params:
+            roots=[run_dir(study, r.name) for r in chunk],
+            hparams=[r.nondefault for r in chunk],
+            device=DEVICE,
+            data_dir=config.get("data_dir", "data"),
+        threads: PLAN.study(study).get("resources", {}).get("threads", THREADS)
+        resources:
+            mem_mb=PLAN.study(study).get("resources", {}).get("mem_mb", 4000),
+            runtime=PLAN.study(study).get("resources", {}).get("runtime", 60) * len(chunk),
+            gpu=PLAN.study(study).get("resources", {}).get("gpus", 1 if DEVICE == "cuda" else 0),
+        conda:
+            "../workflow/envs/pipeline.yaml"
+        script:
+            "../workflow/scripts/train_chunk.py"

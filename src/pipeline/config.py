@@ -1,0 +1,518 @@
+"""Typed hyperparameters, config validation, and the expansion of studies into named runs.
+
+OpenLTH-style: each hyperparameter is a dataclass field with a default and help text. A run's
+directory name is built from the study's *swept* keys only (``lr~0.1/wd~0.0005/seed~1``), and the
+hyperparameters handed to Snakemake as ``params`` are only those that differ from the defaults,
+so adding a new field with a default neither renames old runs nor re-runs them.
+
+Imports nothing heavy: Snakemake calls this while it parses the workflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.registry import Registry
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.yaml"
+
+
+def _h(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class TrainHparams:
+    optimizer: str = _h("sgd or adam", default="sgd")
+    lr: float = _h("learning rate", default=0.1)
+    momentum: float = _h("heavy-ball momentum (SGD)", default=0.0)
+    dampening: float = _h("momentum dampening (SGD)", default=0.0)
+    nesterov: bool = _h("Nesterov momentum (SGD)", default=False)
+    wd: float = _h("coupled (L2) weight decay", default=0.0)
+    beta1: float = _h("Adam beta1", default=0.9)
+    beta2: float = _h("Adam beta2", default=0.999)
+    adam_eps: float = _h("Adam epsilon", default=1e-8)
+    batch_size: int = _h("minibatch size", default=64)
+    eval_batch_size: int = _h("batch size for evaluation passes", default=1024)
+    epochs: int = _h("training epochs", default=1)
+    drop_last: bool = _h("drop the last incomplete minibatch of an epoch", default=True)
+    schedule: str = _h("constant, step, multistep or plateau (per epoch)", default="constant")
+    step_size: int = _h("epochs between drops (step schedule)", default=30)
+    milestones: tuple[int, ...] = _h("epochs at which to drop (multistep)", default=())
+    gamma: float = _h("lr factor at each drop (step/multistep)", default=0.1)
+    plateau_factor: float = _h("lr factor on a plateau", default=0.1)
+    plateau_patience: int = _h("epochs without improvement before a drop", default=10)
+    plateau_metric: str = _h(
+        "val_accuracy, val_loss, test_accuracy or test_loss", default="val_accuracy"
+    )
+    loss: str = _h("ce (softmax cross-entropy) or mse (to one-hot targets)", default="ce")
+    dtype: str = _h("float32 or float64", default="float32")
+    augment: bool = _h("random crop (pad 4) and horizontal flip on image data", default=False)
+    on_nan: str = _h("error: stop with an error; record: end the run as diverged", default="error")
+    mechanics: bool = _h("log the per-step per-neuron trace for conservation laws", default=False)
+
+
+@dataclass(frozen=True)
+class CheckpointHparams:
+    step0: bool = _h("checkpoint before the first update", default=True)
+    every_steps: int = _h("checkpoint every k optimizer steps (0: never)", default=0)
+    epoch_end: bool = _h("checkpoint at the end of every epoch", default=True)
+    log_spaced: int = _h("number of log-spaced checkpoint steps over the run (0: none)", default=0)
+    keep_last: int = _h(
+        "keep only the newest k checkpoint files (0: all); for resume only", default=0
+    )
+
+
+@dataclass(frozen=True)
+class DatasetHparams:
+    name: str = _h("dataset registry name", default="digits")
+    val_fraction: float = _h("fraction of the training split held out for validation", default=0.1)
+    subset: int = _h("use only the first n training examples (0: all)", default=0)
+
+
+SECTIONS = {"train": TrainHparams, "checkpoints": CheckpointHparams, "dataset": DatasetHparams}
+
+#: Hyperparameter sections that sciences add (e.g. ``teleport``): ``@register_section(name)`` on a
+#: function returning the section's dataclass, in a module that imports nothing heavy.
+register_section = Registry("hyperparameter section", "register_section")
+
+
+#: Study kinds whose runs a science plans: ``@register_study_kind(kind)`` on a torch-free
+#: ``fn(study_name, study) -> list[Run]`` (the ``train`` kind is :func:`expand_runs`).
+register_study_kind = Registry("study kind", "register_study_kind")
+
+
+def sections(study: dict | None = None) -> dict[str, type]:
+    """The hyperparameter sections of a study: the core ones, plus each registered section the
+    study uses (as a block, or in its sweep). Without a study: every section."""
+    out = dict(SECTIONS)
+    used = None
+    if study is not None:
+        used = set(study) | {k.split(".", 1)[0] for k in study.get("sweep", {})}
+    for name in register_section.names():
+        if used is None or name in used:
+            out[name] = register_section.get(name)()
+    return out
+
+
+DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """A config problem, with every offending key named."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid {source}:\n{lines}")
+
+
+def defaults(section: str) -> dict:
+    return asdict(sections()[section]())
+
+
+# -- validation ---------------------------------------------------------------------------------
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "<root>"
+
+
+def _schema_problems(config: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(load_schema())
+    problems = []
+    for err in sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.path))):
+        where = _path(err.absolute_path)
+        if err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            extra = sorted(set(err.instance) - set(allowed))
+            for key in extra:
+                where = _path([*err.absolute_path, key])
+                problems.append(f"{where}: unknown key; allowed: {', '.join(allowed)}")
+        elif err.validator == "enum":
+            problems.append(
+                f"{where}: {err.instance!r} is not allowed; allowed: "
+                + ", ".join(map(str, err.validator_value))
+            )
+        elif err.validator in ("if", "then", "allOf"):
+            continue  # the nested errors are reported on their own
+        else:
+            problems.append(f"{where}: {err.message}")
+    return problems
+
+
+def validate(config: dict) -> None:
+    """Check a config against the schema and the registries; raise :class:`ConfigError`."""
+    problems = _schema_problems(config)
+    if problems:
+        raise ConfigError(problems)
+    problems = _cross_study_problems(config)
+    figures: dict[str, str] = {}
+    for name, study in config.get("studies", {}).items():
+        if study["kind"] == "train":
+            problems += _study_problems(name, study)
+        else:
+            problems += _analysis_problems(name, study)
+        problems += _figure_problems(f"studies.{name}", study)
+        for fig in study.get("figures", {}):
+            if fig in figures:
+                problems.append(
+                    f"studies.{name}.figures.{fig}: figure name already used by study "
+                    f"{figures[fig]!r}; figure names are global"
+                )
+            figures[fig] = name
+    if problems:
+        raise ConfigError(problems)
+
+
+def _study_problems(name: str, study: dict) -> list[str]:
+    from pipeline.data import register_dataset
+    from pipeline.metrics import register_metric
+    from pipeline.models import register_model
+
+    where = f"studies.{name}"
+    out = []
+    swept_models = study.get("sweep", {}).get("model")
+    model = study.get("model", {})
+    if "model" in study:
+        out += _model_problems(f"{where}.model", model)
+    elif not swept_models:
+        out.append(f"{where}: needs a model (or a sweep over model)")
+    if isinstance(swept_models, list):
+        labels = []
+        for i, m in enumerate(swept_models):
+            if not isinstance(m, dict):
+                out.append(f"{where}.sweep.model[{i}]: expected a model block {{name: ...}}")
+                continue
+            out += _model_problems(f"{where}.sweep.model[{i}]", m)
+            labels.append(str(m.get("label", m.get("name"))))
+        if len(set(labels)) != len(labels):
+            out.append(f"{where}.sweep.model: two models share a name; give each a `label`")
+    try:
+        register_dataset.entry(study.get("dataset", {}).get("name", "digits"))
+    except KeyError as err:
+        out.append(f"{where}.dataset.name: {err.args[0]}")
+    for metric in study.get("metrics", []):
+        if metric not in register_metric.names():
+            out.append(
+                f"{where}.metrics: unknown metric {metric!r}; allowed: "
+                + ", ".join(register_metric.names())
+            )
+    for key, values in study.get("sweep", {}).items():
+        try:
+            section, leaf = _sweep_target(key)
+        except KeyError as err:
+            out.append(f"{where}.sweep.{key}: {err.args[0]}")
+            continue
+        if section == "model" and leaf not in ("name", None) and "name" in model:
+            try:
+                if leaf not in register_model.entry(model["name"]).params:
+                    out.append(
+                        f"{where}.sweep.{key}: model {model['name']!r} has no option {leaf!r}"
+                    )
+            except KeyError:
+                pass
+        if not isinstance(values, list) or not values:
+            out.append(f"{where}.sweep.{key}: expected a non-empty list of values")
+    masks = study.get("masks", {})
+    stages = set(masks.get("stages", {}))
+    named = [masks.get("reference")] if masks.get("reference") else []
+    named += masks.get("inverse", {}).get("masks", []) + masks.get("sharing", [])
+    named += [n for pair in masks.get("overlap", []) for n in pair]
+    for stage in sorted(set(named) - stages):
+        out.append(f"{where}.masks: {stage!r} is not a stage; stages: {', '.join(sorted(stages))}")
+    if "interpolation" in study and len(expand_runs(name, study)) < 2:
+        out.append(f"{where}.interpolation: needs two runs (e.g. a sweep over batch_size)")
+    train = {**defaults("train"), **study.get("train", {})}
+    needs_trace = {"gradient_norm"} & set(study.get("metrics", []))
+    if needs_trace and not train["mechanics"]:
+        out.append(f"{where}.metrics: {sorted(needs_trace)} need train.mechanics: true")
+    if train["mechanics"]:
+        ckpt = {**defaults("checkpoints"), **study.get("checkpoints", {})}
+        if not ckpt["step0"]:
+            out.append(f"{where}.checkpoints.step0: mechanics studies need the step-0 checkpoint")
+    leaves = [_name_key(k) for k in study.get("sweep", {})]
+    dup = {x for x in leaves if leaves.count(x) > 1}
+    if dup or "seed" in leaves:
+        clash = sorted(dup | ({"seed"} & set(leaves)))
+        out.append(f"{where}.sweep: run names need distinct key names; clash: {clash}")
+    return out
+
+
+def _cross_study_problems(config: dict) -> list[str]:
+    """References between studies: a recovery problem's teacher run must exist."""
+    studies = config.get("studies", {})
+    out = []
+    for name, study in studies.items():
+        for problem, spec in study.get("problems", {}).items():
+            teacher = spec.get("teacher", {})
+            if teacher.get("kind") != "run":
+                continue
+            where = f"studies.{name}.problems.{problem}.teacher"
+            other = studies.get(teacher.get("study"))
+            if other is None or other["kind"] != "train":
+                trains = [s for s, v in studies.items() if v["kind"] == "train"]
+                out.append(
+                    f"{where}.study: {teacher.get('study')!r} is not a train study; "
+                    f"allowed: {', '.join(trains)}"
+                )
+                continue
+            runs = [r.name for r in expand_runs(teacher["study"], other)]
+            if teacher.get("run") not in runs:
+                out.append(
+                    f"{where}.run: {teacher.get('run')!r} is not a run of study "
+                    f"{teacher['study']!r}; runs: {', '.join(runs)}"
+                )
+    return out
+
+
+def _figure_problems(where: str, study: dict) -> list[str]:
+    """Figure kinds must be registered; a figure reads a metric or a table, not both."""
+    from pipeline.metrics import register_metric
+    from pipeline.plots import register_figure
+
+    out, kinds, metrics = [], register_figure.names(), register_metric.names()
+    for fig, spec in study.get("figures", {}).items():
+        metric = spec.get("metric")
+        if spec["kind"] not in kinds:
+            out.append(
+                f"{where}.figures.{fig}.kind: {spec['kind']!r} is not a registered "
+                f"figure; allowed: {', '.join(kinds)}"
+            )
+        if spec["kind"] == "conservation" and metric is None:
+            out.append(f"{where}.figures.{fig}.metric: a conservation figure needs a metric")
+        if "table" in spec and "metric" in spec:
+            out.append(f"{where}.figures.{fig}: give a metric or a table, not both")
+        if metric is not None and metric not in metrics:
+            out.append(
+                f"{where}.figures.{fig}.metric: unknown metric {metric!r}; allowed: "
+                + ", ".join(metrics)
+            )
+    return out
+
+
+def _analysis_problems(name: str, study: dict) -> list[str]:
+    """Studies that train nothing themselves: their model blocks and dataset name."""
+    from pipeline.data import register_dataset
+
+    where = f"studies.{name}"
+    out = []
+    if "model" in study:
+        out += _model_problems(f"{where}.model", study["model"])
+    for i, block in enumerate(study.get("models", [])):
+        out += _model_problems(f"{where}.models[{i}]", block)
+    for zoo, block in study.get("zoos", {}).items():
+        out += _model_problems(f"{where}.zoos.{zoo}.model", block["model"])
+    dataset = study.get("dataset", "digits")
+    try:
+        register_dataset.entry(dataset["name"] if isinstance(dataset, dict) else dataset)
+    except KeyError as err:
+        out.append(f"{where}.dataset: {err.args[0]}")
+    return out
+
+
+def _model_problems(where: str, model: dict) -> list[str]:
+    """Problems of one model block: its name, and options the builder does not take."""
+    from pipeline.models import register_model
+
+    try:
+        entry = register_model.entry(model.get("name", ""))
+    except KeyError as err:
+        return [f"{where}.name: {err.args[0]}"]
+    return [
+        f"{where}.{key}: unknown option for model {entry.name!r}; allowed: "
+        + ", ".join(entry.params)
+        for key in model
+        if key not in ("name", "label") and key not in entry.params
+    ]
+
+
+def _sweep_target(key: str) -> tuple[str, str | None]:
+    """``"lr" -> ("train", "lr")``; ``"model.width" -> ("model", "width")``; ``"model"`` (a list
+    of whole model blocks) -> ``("model", None)``."""
+    if key == "model":
+        return "model", None
+    if "." in key:
+        section, leaf = key.split(".", 1)
+        if section == "model":
+            return section, leaf
+        if section in sections() and leaf in defaults(section):
+            return section, leaf
+        allowed = ["model.<option>"] + [f"{s}.{k}" for s in sections() for k in defaults(s)]
+        raise KeyError(f"unknown sweep key; allowed: {', '.join(allowed)}")
+    if key in defaults("train"):
+        return "train", key
+    raise KeyError(f"unknown sweep key; allowed: {', '.join(defaults('train'))} (or section.key)")
+
+
+# -- run expansion ------------------------------------------------------------------------------
+def format_value(value: Any) -> str:
+    """Readable, stable text for a run-name component."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "-".join(format_value(v) for v in value)
+    return str(value)
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    if section in sections():
+        kind = {f.name: f.type for f in fields(sections()[section])}[key]
+        if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind.startswith("tuple") and isinstance(value, list):
+            return tuple(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its name, full hyperparameters, and the non-default subset."""
+
+    study: str
+    name: str  # e.g. "lr~0.1/seed~1"
+    seed: int
+    hparams: dict  # model, dataset, train, checkpoints (all fields resolved), seed
+
+    @property
+    def nondefault(self) -> dict:
+        out: dict = {"model": self.hparams["model"], "seed": self.seed}
+        for section in self.hparams:
+            if section in ("model", "seed"):
+                continue
+            if section not in SECTIONS:
+                out[section] = {}  # a science's section: present, even at its defaults
+            base = defaults(section)
+            diff = {
+                k: v for k, v in self.hparams[section].items() if _jsonable(base[k]) != _jsonable(v)
+            }
+            if diff:
+                out[section] = diff
+        return out
+
+    @property
+    def fingerprint(self) -> str:
+        return run_fingerprint(self.hparams)
+
+
+def run_fingerprint(hparams: dict) -> str:
+    """Hash of every resolved hyperparameter: checkpoints of other settings are never resumed."""
+    text = json.dumps(_jsonable(hparams), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _jsonable(value):
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _name_key(sweep_key: str) -> str:
+    """The run-name component of a sweep key: ``lr``, ``bn_eps`` (model.bn_eps), ``model``
+    (whole model blocks), ``dataset`` (dataset.name)."""
+    return "dataset" if sweep_key == "dataset.name" else sweep_key.rsplit(".", 1)[-1]
+
+
+def _strip_label(model: dict) -> dict:
+    return {k: v for k, v in model.items() if k != "label"}
+
+
+def expand_runs(study_name: str, study: dict) -> list[Run]:
+    """The Cartesian product of a study's sweep and seeds, as named runs."""
+    base: dict = {"model": _strip_label(study.get("model", {}))}
+    for section in sections(study):
+        merged = {**defaults(section), **study.get(section, {})}
+        base[section] = {k: _coerce(section, k, v) for k, v in merged.items()}
+    sweep = study.get("sweep", {})
+    targets = [_sweep_target(k) for k in sweep]
+    keys = [_name_key(k) for k in sweep]
+    runs = []
+    for values in itertools.product(*sweep.values()):
+        for seed in study.get("seeds", [0]):
+            hp = {s: dict(v) for s, v in base.items()}
+            parts = []
+            for (section, leaf), key, value in zip(targets, keys, values, strict=True):
+                if leaf is None:  # a whole model block
+                    hp["model"] = _strip_label(value)
+                    parts.append(f"model~{value.get('label', value['name'])}")
+                    continue
+                value = _coerce(section, leaf, value)
+                hp[section][leaf] = value
+                parts.append(f"{key}~{format_value(value)}")
+            parts.append(f"seed~{seed}")
+            hp["seed"] = seed
+            runs.append(Run(study_name, "/".join(parts), seed, hp))
+    return runs
+
+
+@dataclass
+class Plan:
+    """A validated config, expanded: the runs of every study, and every figure."""
+
+    config: dict
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict, check: bool = True) -> Plan:
+        if check:
+            validate(config)
+        plan = cls(config)
+        for name, study in config.get("studies", {}).items():
+            plan.runs[name] = _plan_runs(name, study)
+        return plan
+
+    def study(self, name: str) -> dict:
+        return self.config["studies"][name]
+
+    def run(self, study: str, run: str) -> Run:
+        if not hasattr(self, "_index"):
+            self._index = {(r.study, r.name): r for runs in self.runs.values() for r in runs}
+        try:
+            return self._index[(study, run)]
+        except KeyError:
+            raise KeyError(f"study {study!r} has no run {run!r}") from None
+
+    def figures(self) -> dict[str, tuple[str, dict]]:
+        """``figure name -> (study, figure spec)`` over all studies."""
+        return {
+            fig: (name, spec)
+            for name, study in self.config.get("studies", {}).items()
+            for fig, spec in study.get("figures", {}).items()
+        }
+
+
+def resolve_hparams(nondefault: dict) -> dict:
+    """Full hyperparameters from the non-default subset (:attr:`Run.nondefault`)."""
+    out = {"model": dict(nondefault["model"]), "seed": nondefault["seed"]}
+    for section in sections({k: v for k, v in nondefault.items() if k not in ("model", "seed")}):
+        merged = {**defaults(section), **nondefault.get(section, {})}
+        out[section] = {k: _coerce(section, k, v) for k, v in merged.items()}
+    return out
+
+
+def _plan_runs(name: str, study: dict) -> list[Run]:
+    kind = study["kind"]
+    if kind == "train":
+        return expand_runs(name, study)
+    if kind in register_study_kind.names():
+        return register_study_kind.get(kind)(name, study)
+    return []
+
+
+def load(path: str | Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())

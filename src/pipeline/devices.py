@@ -1,0 +1,50 @@
+"""The one place where a device name becomes a ``torch.device``.
+
+``cpu`` and ``cuda`` are torch's own; ``xla`` (TPUs, or the CPU PJRT device for tests) imports
+torch-xla only when asked for, so nothing else needs it installed.
+"""
+
+from __future__ import annotations
+
+DEVICES = ("cpu", "cuda", "xla")
+
+
+def resolve(name: str):
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was asked for, but torch sees no CUDA GPU here")
+        return torch.device("cuda")
+    if name == "xla":
+        try:
+            import torch_xla
+        except ImportError as err:
+            raise RuntimeError(
+                "device: xla needs torch-xla installed (see `make test-xla` for a CPU set-up)"
+            ) from err
+        return torch_xla.device()
+    raise ValueError(f"device: unknown device {name!r}; allowed: {', '.join(DEVICES)}")
+
+
+def sync(device) -> None:
+    """Wait for queued work (CUDA kernels, the lazy XLA graph) to finish."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xla":
+        import torch_xla
+
+        if hasattr(torch_xla, "sync"):
+            torch_xla.sync()
+        else:  # torch-xla < 2.5
+            import torch_xla.core.xla_model as xm
+
+            xm.mark_step()
+
+
+def is_xla(device) -> bool:
+    return getattr(device, "type", "") == "xla"

@@ -1,0 +1,227 @@
+"""Fully connected chains (MLPs) as stacked parameters: N same-shape networks in one tensor program.
+
+A :class:`Chain` is ``x -> act(W_1 x + b_1) -> ... -> act(W_L h + b_L) -> W_out h + b_out``
+(plus, optionally, an affine *skip* ``S x + s`` added to the output: the affine correction of
+Expand-and-Cluster for activations whose sign flip leaves a linear term). Its parameter names
+are those of the registered ``mlp`` model (``fc1.weight [w_1, d]``, ..., ``out.bias [o]``), so a
+stacked parameter dict ``{name: [N, *shape]}`` holds N ``mlp`` state dicts.
+
+:func:`chain_of` reads a chain from a model's neuron structure (one branch per group, no
+normalisation, each group read by the next Linear only) and refuses anything else.
+
+Stacked forward: ``x [B, d]`` (shared by all N) or ``[N, B, d]`` -> ``[N, B, o]``; the first
+layer is one GEMM over all N networks' neurons, later layers batched matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from pipeline.models.activations import make as make_activation
+from pipeline.models.structure import NeuronStructure
+
+
+@dataclass(frozen=True)
+class Chain:
+    input_dim: int
+    widths: tuple[int, ...]
+    outputs: int
+    activation: str = "relu"
+    bias: bool = True
+    skip: bool = False
+    layers: tuple[str, ...] = ()  # Linear names, hidden then output; default fc1..fcL, out
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        if not self.layers:
+            names = tuple(f"fc{i}" for i in range(1, len(self.widths) + 1)) + ("out",)
+            object.__setattr__(self, "layers", names)
+        if len(self.layers) != len(self.widths) + 1:
+            raise ValueError(
+                f"chain: {len(self.layers)} layer names for {len(self.widths)} "
+                "hidden widths plus the output"
+            )
+        make_activation(self.activation)  # clear error for an unknown name
+
+    @property
+    def depth(self) -> int:
+        return len(self.widths)
+
+    def fan_in(self, layer: int) -> int:
+        """Inputs of Linear number ``layer`` (0-based; ``depth`` is the output layer)."""
+        return self.input_dim if layer == 0 else self.widths[layer - 1]
+
+    def fan_out(self, layer: int) -> int:
+        return self.outputs if layer == self.depth else self.widths[layer]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for i, name in enumerate(self.layers):
+            out[f"{name}.weight"] = (self.fan_out(i), self.fan_in(i))
+            if self.bias:
+                out[f"{name}.bias"] = (self.fan_out(i),)
+        if self.skip:
+            out["skip.weight"] = (self.outputs, self.input_dim)
+            out["skip.bias"] = (self.outputs,)
+        return out
+
+    def with_widths(self, widths) -> Chain:
+        return replace(self, widths=tuple(widths))
+
+    def model_options(self) -> dict:
+        """Options of the registered ``mlp`` model with this architecture (no skip)."""
+        return {"widths": list(self.widths), "activation": self.activation, "bias": self.bias}
+
+
+def chain_of(structure: NeuronStructure, input_dim: int) -> Chain:
+    """The chain a model's neuron structure describes; ``ValueError`` if it is not a plain MLP."""
+    groups = structure.groups
+    if structure.output is None or not groups:
+        raise ValueError("recovery needs a model with hidden layers and a Linear output layer")
+    names, acts, bias = [], set(), None
+    for i, g in enumerate(groups):
+        if len(g.branches) != 1 or g.branches[0].norm or g.normalised_by or g.max_pool:
+            raise ValueError(
+                f"neuron group {g.name}: recovery needs plain Linear layers "
+                "(no BatchNorm, residual joins or pooling)"
+            )
+        lin = g.branches[0].linear
+        layer = lin[0].param.rsplit(".", 1)[0]
+        if any(s.axis != 0 or s.start != 0 or s.block != 1 for s in lin):
+            raise ValueError(f"neuron group {g.name}: not a Linear layer")
+        nxt = (
+            groups[i + 1].branches[0].linear[0].param
+            if i + 1 < len(groups)
+            else (structure.output.weight)
+        )
+        if len(g.outgoing) != 1 or g.outgoing[0].param != nxt or g.outgoing[0].block != 1:
+            raise ValueError(f"neuron group {g.name}: must be read by the next Linear only")
+        has_bias = len(lin) == 2
+        if bias is not None and has_bias != bias:
+            raise ValueError("recovery needs all layers with biases or all without")
+        bias = has_bias
+        names.append(layer)
+        acts.add(g.activation)
+    if len(acts) != 1:
+        raise ValueError(f"recovery needs one activation for all hidden layers, found {acts}")
+    out_layer = structure.output.weight.rsplit(".", 1)[0]
+    if (structure.output.bias is not None) != bias:
+        raise ValueError("recovery needs all layers with biases or all without")
+    return Chain(
+        input_dim,
+        tuple(g.size for g in groups),
+        structure.output.size,
+        acts.pop(),
+        bool(bias),
+        False,
+        (*names, out_layer),
+    )
+
+
+# -- stacked parameters ---------------------------------------------------------------------------
+def layout(chain: Chain) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """``name -> (offset, shape)`` of each parameter in the flat ``[N, P]`` buffer."""
+    out, offset = {}, 0
+    for name, shape in chain.shapes().items():
+        out[name] = (offset, shape)
+        offset += int(torch.Size(shape).numel())
+    return out
+
+
+def num_params(chain: Chain) -> int:
+    return sum(int(torch.Size(s).numel()) for s in chain.shapes().values())
+
+
+def flatten(chain: Chain, params: dict) -> torch.Tensor:
+    """Stacked dict ``{name: [N, *shape]}`` -> one ``[N, P]`` tensor (a copy)."""
+    n = next(iter(params.values())).shape[0]
+    return torch.cat([params[k].reshape(n, -1) for k in chain.shapes()], dim=1)
+
+
+def unflatten(chain: Chain, flat: torch.Tensor) -> dict:
+    """Views ``{name: [N, *shape]}`` into a flat ``[N, P]`` buffer (gradients flow to it)."""
+    n = flat.shape[0]
+    return {
+        k: flat[:, o : o + int(torch.Size(s).numel())].view(n, *s)
+        for k, (o, s) in layout(chain).items()
+    }
+
+
+def forward(chain: Chain, params: dict, x: torch.Tensor) -> torch.Tensor:
+    """Outputs ``[N, B, o]`` of the N stacked networks for ``x [B, d]`` or ``[N, B, d]``."""
+    act = make_activation(chain.activation)
+    n = params[f"{chain.layers[0]}.weight"].shape[0]
+    inputs = x
+    h = x
+    for i, name in enumerate(chain.layers):
+        w = params[f"{name}.weight"]
+        if h.dim() == 2:  # shared input: one GEMM over every network's neurons
+            h = (h @ w.reshape(-1, w.shape[-1]).T).reshape(h.shape[0], n, -1).transpose(0, 1)
+        else:
+            h = torch.bmm(h, w.transpose(1, 2))
+        if chain.bias:
+            h = h + params[f"{name}.bias"][:, None, :]
+        if i < chain.depth:
+            h = act(h)
+    if chain.skip:
+        s = params["skip.weight"]
+        lin = inputs @ s.transpose(1, 2) if inputs.dim() == 3 else torch.matmul(inputs, s.mT)
+        h = h + lin + params["skip.bias"][:, None, :]
+    return h
+
+
+def incoming(chain: Chain, params: dict, layer: int) -> torch.Tensor:
+    """Each hidden neuron's incoming vector ``[w; b]``: ``[N, width, fan_in (+1)]``."""
+    name = chain.layers[layer]
+    w = params[f"{name}.weight"]
+    if not chain.bias:
+        return w
+    return torch.cat([w, params[f"{name}.bias"][..., None]], dim=-1)
+
+
+def outgoing(chain: Chain, params: dict, layer: int) -> torch.Tensor:
+    """Each hidden neuron's outgoing vector (column of the next weight): ``[N, width, fan_out]``."""
+    return params[f"{chain.layers[layer + 1]}.weight"].transpose(1, 2)
+
+
+def member(params: dict, n: int) -> dict:
+    """State dict of network ``n`` of a stack (the ``mlp`` model's keys)."""
+    return {k: v[n].detach().clone() for k, v in params.items()}
+
+
+def stack(states: list[dict]) -> dict:
+    """Stack same-shape state dicts along a new leading axis."""
+    return {k: torch.stack([s[k].detach() for s in states]) for k in states[0]}
+
+
+def init_stack(chain: Chain, count: int, seed: int, dtype=torch.float64, tag: str = "student"):
+    """``count`` networks, each initialised like the registered ``mlp`` model (network ``n`` from
+    ``seeding.derive(seed, tag, n)``), stacked. A skip starts at zero."""
+    from pipeline import seeding
+    from pipeline.models import build
+
+    states = []
+    for n in range(count):
+        model = build(
+            "mlp",
+            (chain.input_dim,),
+            chain.outputs,
+            chain.model_options(),
+            seeding.derive(seed, tag, n),
+            dtype,
+        )
+        state = model.state_dict()
+        renamed = dict(zip(chain.layers, _mlp_layers(chain.depth), strict=True))
+        kinds = ("weight", "bias") if chain.bias else ("weight",)
+        state = {f"{lay}.{p}": state[f"{renamed[lay]}.{p}"] for lay in chain.layers for p in kinds}
+        if chain.skip:
+            state["skip.weight"] = torch.zeros(chain.outputs, chain.input_dim, dtype=dtype)
+            state["skip.bias"] = torch.zeros(chain.outputs, dtype=dtype)
+        states.append(state)
+    return stack(states)
+
+
+def _mlp_layers(depth: int) -> tuple[str, ...]:
+    return tuple(f"fc{i}" for i in range(1, depth + 1)) + ("out",)

@@ -1,0 +1,446 @@
+"""Collapse clustered students into one network (Expand-and-Cluster, steps 5-6), finetune it
+and prune what it does not need.
+
+Before clustering, inputs constant over the probe data (``informative`` mask) are folded into
+the first layer's bias (``b += w_p c_p``, ``w_p = 0``): the students' functions on the data are
+unchanged and the unidentifiable weights no longer separate copies of one neuron.
+
+After clustering a layer (:func:`pipeline.recovery.cluster.cluster_layer`), kept clusters whose
+neuron is (almost) affine on the data are dropped (``dropped_linear``: ``1 - R^2`` of
+``sigma(z)`` against ``z`` below ``min_nonlinearity`` x that of a neuron with unit Gaussian
+pre-activations; relu active on almost none or all of the data, tanh near 0): students carry
+linear terms with them (the linear parts of sign-flipped relu copies) and they are not
+identifiable as neurons.
+
+5. *Collapse*: each kept cluster becomes one neuron: the mean (in the cluster's orientation) of
+   its winner's members, the winner being the best-ranked student owning a member (a kept
+   cluster always has one: no cluster is lost). Outgoing weights of student n: the sum over its
+   members of ``a_i |v_i| s_i`` (``s_i = +-1`` the member's orientation, applied where the
+   activation is odd; even-linear flips leave ``a_i`` and a linear term; a sigmoid flip adds
+   ``a_i`` to the next bias, since ``sigmoid(-z) = 1 - sigmoid(z)``).
+6. Hidden layers before the last: the K recovered neurons go into every student, each keeping
+   its merged outgoing weights and its upper layers; the students are finetuned and the next
+   layer is read from *these finetuned* students (the published code reads stale weights).
+   The last hidden layer: one network; its output columns from each cluster's winner, lower
+   layers and output bias from the best student. Then an exact bias correction (least squares
+   of the residual on a constant) or, for even-linear activations, an affine correction ``y ~
+   f(x) + S x + s`` (least squares, then trained along): the linear terms of flipped neurons.
+
+Finally the network is finetuned. Neurons it then does not need are dropped and it is
+finetuned again: those with a contribution ``std(sigma(z)) |a|`` below ``min_contribution`` x
+their layer's largest or linear on the data (``dropped_weak``, ``prune_rounds`` times at most),
+then, one by one and weakest first, those whose removal the refit does not notice (within
+``redundant_factor`` of the loss before any removal, and only if the network fits the data
+about as well as the best student; ``dropped_redundant``): the teacher is the smallest network
+with its function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.recovery.chain import Chain, incoming, outgoing
+from pipeline.recovery.cluster import (
+    ClusterHparams,
+    LayerClusters,
+    Symmetry,
+    canonical,
+    cluster_layer,
+    symmetry_of,
+)
+from pipeline.recovery.students import FitResult, fit
+from pipeline.recovery.teachers import ProbeData
+
+
+def fold_constant_inputs(
+    chain: Chain, params: dict, informative: torch.Tensor, x: torch.Tensor
+) -> dict:
+    """Move the first layer's weights on inputs constant over ``x`` into its bias (exact on
+    ``x``): ``b += W[:, p] c_p``, ``W[:, p] = 0`` for every uninformative input ``p``."""
+    name = chain.layers[0]
+    constant = ~informative
+    if not bool(constant.any()):
+        return params
+    if not chain.bias:
+        raise ValueError("folding constant inputs needs first-layer biases")
+    c = x[:, constant].mean(0)
+    w = params[f"{name}.weight"]
+    params = dict(params)
+    params[f"{name}.bias"] = params[f"{name}.bias"] + w[:, :, constant] @ c
+    params[f"{name}.weight"] = w.masked_fill(constant[None, None, :], 0.0)
+    return params
+
+
+def merged_outgoing(
+    chain: Chain, params: dict, layer: int, clusters: LayerClusters, symmetry: Symmetry
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per student, the merged outgoing weights of each kept cluster, ``[N, next, K]``, the
+    shift of the next layer's bias ``[N, next]``, and the recovered incoming vectors ``[K, k]``.
+    """
+    v = incoming(chain, params, layer)
+    a = outgoing(chain, params, layer)
+    n, width = v.shape[:2]
+    flat_v, flat_a = v.reshape(n * width, -1), a.reshape(n * width, -1)
+    u, scale = canonical(flat_v, symmetry)
+    sign = clusters.sign.to(u)
+    flip_out = symmetry.sign in ("odd", "odd_constant")
+    effective = flat_a * scale[:, None] * (sign[:, None] if flip_out else 1.0)
+    shift_each = torch.zeros_like(flat_a)
+    if symmetry.sign == "odd_constant":
+        shift_each = torch.where((sign < 0)[:, None], flat_a, shift_each)
+    owner = torch.arange(n * width, device=u.device) // width
+    merged = torch.zeros(n, a.shape[-1], len(clusters.members), dtype=u.dtype, device=u.device)
+    recovered = []
+    for k, idx in enumerate(clusters.members):
+        idx_t = torch.as_tensor(idx, device=u.device)
+        merged[:, :, k].index_add_(0, owner[idx_t], effective[idx_t])
+        mine = idx_t[owner[idx_t] == clusters.winner[k]]
+        centre = (u[mine] * sign[mine, None]).mean(0)
+        if symmetry.scale:
+            centre = centre / centre.norm()
+        recovered.append(centre)
+    in_clusters = torch.zeros(n * width, dtype=torch.bool, device=u.device)
+    for idx in clusters.members:
+        in_clusters[torch.as_tensor(idx, device=u.device)] = True
+    shift = torch.zeros(n, a.shape[-1], dtype=u.dtype, device=u.device)
+    shift.index_add_(0, owner[in_clusters], shift_each[in_clusters])
+    return merged, shift, torch.stack(recovered)
+
+
+def _with_layer(
+    chain: Chain,
+    params: dict,
+    layer: int,
+    recovered: torch.Tensor,
+    merged: torch.Tensor,
+    shift: torch.Tensor,
+) -> tuple[Chain, dict]:
+    """Every student gets the K recovered neurons at ``layer`` and its merged outgoing weights."""
+    n = merged.shape[0]
+    widths = list(chain.widths)
+    widths[layer] = len(recovered)
+    new_chain = chain.with_widths(widths)
+    name, nxt = chain.layers[layer], chain.layers[layer + 1]
+    params = dict(params)
+    k_in = chain.fan_in(layer)
+    params[f"{name}.weight"] = recovered[:, :k_in].expand(n, -1, -1).clone()
+    if chain.bias:
+        params[f"{name}.bias"] = recovered[:, k_in].expand(n, -1).clone()
+        params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + shift
+    params[f"{nxt}.weight"] = merged
+    return new_chain, params
+
+
+def _select(params: dict, students: list[int]) -> dict:
+    return {k: v[students] for k, v in params.items()}
+
+
+def nonlinearity(
+    chain: Chain, params: dict, layer: int, student: int, vectors: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """``1 - R^2`` of the best affine fit of ``sigma(z)`` by ``z`` over the inputs ``x``, for the
+    pre-activations ``z`` of each incoming vector ``vectors [K, k]`` fed by student
+    ``student``'s layers below ``layer``: 0 for a neuron that is linear (or constant) on the
+    data. For relu-like neurons it is small when they are active on almost none or almost all
+    of the data, for tanh/sigmoid when their pre-activations stay near 0."""
+    from pipeline.models.activations import make as make_activation
+
+    act = make_activation(chain.activation)
+    h = x
+    with torch.no_grad():
+        for i in range(layer):
+            name = chain.layers[i]
+            h = h @ params[f"{name}.weight"][student].T
+            if chain.bias:
+                h = h + params[f"{name}.bias"][student]
+            h = act(h)
+        k_in = h.shape[1]
+        z = h @ vectors[:, :k_in].T
+        if chain.bias:
+            z = z + vectors[:, k_in]
+        s = act(z)
+        zc, sc = z - z.mean(0), s - s.mean(0)
+        cov, var_z, var_s = (zc * sc).mean(0), (zc * zc).mean(0), (sc * sc).mean(0)
+        tiny = torch.finfo(z.dtype).tiny
+        r2 = cov**2 / (var_z * var_s).clamp_min(tiny)
+    return torch.where(var_s > tiny, 1 - r2, torch.zeros_like(r2)).clamp(0.0, 1.0)
+
+
+def reference_nonlinearity(activation: str, points: int = 4001) -> float:
+    """``1 - R^2`` of ``sigma(z)`` against ``z`` for ``z ~ N(0, 1)`` (quantile grid): how
+    nonlinear a neuron with unit pre-activations is. ``min_nonlinearity`` is relative to it, so
+    one setting serves relu (0.27), tanh (0.07) and sigmoid (0.016) alike."""
+    from pipeline.models.activations import make as make_activation
+
+    p = (torch.arange(points, dtype=torch.float64) + 0.5) / points
+    z = math.sqrt(2.0) * torch.special.erfinv(2 * p - 1)
+    s = make_activation(activation)(z)
+    zc, sc = z - z.mean(), s - s.mean()
+    return float(1 - (zc @ sc) ** 2 / ((zc @ zc) * (sc @ sc)))
+
+
+def drop_linear(clusters: LayerClusters, score: torch.Tensor, min_nonlinearity: float) -> None:
+    """Drop (in place, reported as ``dropped_linear``) the kept clusters whose neuron is linear
+    on the data (``nonlinearity < min_nonlinearity``): students carry linear terms with such
+    neurons (the linear parts of sign-flipped relu copies, near-zero tanh pairs) and they are
+    not identifiable as neurons; the affine correction or the finetuning takes their part."""
+    table = clusters.table
+    keep = []
+    for k, value in enumerate(score.tolist()):
+        row = table.index[table.recovered == k][0]
+        table.loc[row, "nonlinearity"] = value
+        if value < min_nonlinearity:
+            table.loc[row, "status"] = "dropped_linear"
+        else:
+            keep.append(k)
+    clusters.members = [clusters.members[k] for k in keep]
+    clusters.winner = [clusters.winner[k] for k in keep]
+    table["recovered"] = -1
+    kept = table.status == "kept"
+    table.loc[kept, "recovered"] = np.arange(int(kept.sum()))
+
+
+# -- the whole reconstruction ---------------------------------------------------------------
+@dataclass
+class Reconstruction:
+    chain: Chain  # the reconstructed network (one network; skip for even-linear activations)
+    params: dict  # stacked, N = 1
+    widths: tuple[int, ...]  # inferred width per hidden layer
+    clusters: pd.DataFrame  # one row per cluster of every layer (kept and dropped)
+    collapsed_chain: Chain  # the collapsed network before finetuning and neuron pruning ...
+    before_finetune: dict  # ... and its parameters
+    finetune: FitResult
+    student_fits: list[FitResult]  # the students' finetuning after each non-final layer
+
+
+def reconstruct(
+    chain: Chain, students: FitResult, data: ProbeData, h: ClusterHparams, seed: int = 0
+) -> Reconstruction:
+    """Cluster the trained ``students`` (of architecture ``chain``) layer by layer into one
+    network and finetune it; see the module docstring."""
+    symmetry = symmetry_of(chain.activation)
+    params = {k: v.detach() for k, v in students.params.items()}
+    n = next(iter(params.values())).shape[0]
+    if h.mask_inputs and data.informative is not None:
+        params = fold_constant_inputs(chain, params, data.informative.to(data.x.device), data.x)
+    rank = students.ranking().cpu().numpy()
+    linear_below = 0.0
+    if chain.activation != "identity" and h.min_nonlinearity > 0:
+        linear_below = h.min_nonlinearity * reference_nonlinearity(chain.activation)
+    tables, fits = [], []
+    for layer in range(chain.depth):
+        name = chain.layers[layer]
+        v = incoming(chain, params, layer)
+        width = v.shape[1]
+        owner = np.repeat(np.arange(n), width)
+        clusters = cluster_layer(
+            v.reshape(n * width, -1),
+            owner,
+            rank,
+            symmetry,
+            n,
+            h.gamma,
+            h.beta,
+            name,
+            h.support,
+            h.cut,
+            h.merge_angle,
+        )
+        if linear_below and clusters.members:
+            _, _, centres = merged_outgoing(chain, params, layer, clusters, symmetry)
+            score = nonlinearity(chain, params, layer, int(rank[0]), centres, data.x[:8192])
+            drop_linear(clusters, score, linear_below)
+        tables.append(clusters.table)
+        if not clusters.members:
+            raise RecoveryFailed(
+                f"layer {name}: no cluster survived (gamma={h.gamma}, beta={h.beta})",
+                pd.concat(tables, ignore_index=True),
+            )
+        merged, shift, recovered = merged_outgoing(chain, params, layer, clusters, symmetry)
+        if layer < chain.depth - 1:
+            chain, params = _with_layer(chain, params, layer, recovered, merged, shift)
+            result = fit(chain, params, data, h.finetune, seed, tag=f"finetune-{name}")
+            fits.append(result)
+            params, rank = result.params, result.ranking().cpu().numpy()
+            continue
+        best = int(rank[0])
+        chain, params = _with_layer(chain, params, layer, recovered, merged, shift)
+        out_w = torch.stack([merged[w, :, k] for k, w in enumerate(clusters.winner)], dim=1)
+        params = _select(params, [best])
+        params[f"{chain.layers[-1]}.weight"] = out_w[None]
+    net_chain, net = _correct(chain, params, data, symmetry)
+    collapsed, before = net_chain, {k: v.clone() for k, v in net.items()}
+    final = fit(net_chain, net, data, h.final, seed, tag="final")
+    table = pd.concat(tables, ignore_index=True)
+    for _ in range(h.prune_rounds):
+        weak = weak_neurons(
+            net_chain, final.params, data.x[:8192], h.min_contribution, linear_below
+        )
+        if not any(bool(w.any()) for w in weak):
+            break
+        _mark_weak(table, net_chain, weak)
+        net_chain, net = drop_neurons(net_chain, final.params, weak, data.x[:8192])
+        final = fit(net_chain, net, data, h.final, seed, tag="final-pruned")
+    reference = float(torch.nan_to_num(students.train_loss, nan=math.inf).min())
+    net_chain, final = prune_redundant(net_chain, final, data, h, seed, table, reference)
+    return Reconstruction(
+        net_chain, final.params, net_chain.widths, table, collapsed, before, final, fits
+    )
+
+
+def _hidden(chain: Chain, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
+    """Activations ``[n, width]`` of every hidden layer of network 0 of a stack."""
+    from pipeline.models.activations import make as make_activation
+
+    act = make_activation(chain.activation)
+    out, h = [], x
+    with torch.no_grad():
+        for name in chain.layers[:-1]:
+            h = h @ params[f"{name}.weight"][0].T
+            if chain.bias:
+                h = h + params[f"{name}.bias"][0]
+            h = act(h)
+            out.append(h)
+    return out
+
+
+def weak_neurons(
+    chain: Chain,
+    params: dict,
+    x: torch.Tensor,
+    min_contribution: float,
+    min_nonlinearity: float = 0.0,
+) -> list[torch.Tensor]:
+    """Per hidden layer of a finetuned reconstruction, the neurons it does not need (the
+    teacher has none): those whose contribution ``std_x(sigma(z_k)) |a_k|`` (``a_k``: outgoing
+    vector) is below ``min_contribution`` x the layer's largest, and those that became linear
+    on the data (``1 - R^2 < min_nonlinearity``, see :func:`nonlinearity`)."""
+    out = []
+    for layer, h in enumerate(_hidden(chain, params, x)):
+        a = params[f"{chain.layers[layer + 1]}.weight"][0]
+        contribution = h.std(dim=0) * a.norm(dim=0)
+        weak = contribution < min_contribution * contribution.max()
+        if min_nonlinearity > 0 and chain.activation != "identity":
+            name = chain.layers[layer]
+            vectors = params[f"{name}.weight"][0]
+            if chain.bias:
+                vectors = torch.cat([vectors, params[f"{name}.bias"][0][:, None]], dim=1)
+            weak |= nonlinearity(chain, params, layer, 0, vectors, x) < min_nonlinearity
+        if bool(weak.all()):  # a layer keeps at least its strongest neuron
+            weak[contribution.argmax()] = False
+        out.append(weak)
+    return out
+
+
+def drop_neurons(chain: Chain, params: dict, drop: list[torch.Tensor], x: torch.Tensor):
+    """The network without the ``drop`` neurons; each one's mean output moves into the next
+    layer's bias (its constant part), the rest of its (small) contribution is lost."""
+    hidden = _hidden(chain, params, x)
+    params = dict(params)
+    widths = list(chain.widths)
+    for layer, mask in enumerate(drop):
+        keep = ~mask
+        name, nxt = chain.layers[layer], chain.layers[layer + 1]
+        w_next = params[f"{nxt}.weight"]
+        if chain.bias:
+            mean = hidden[layer].mean(0)[mask]
+            params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + (w_next[0][:, mask] @ mean)[None]
+            params[f"{name}.bias"] = params[f"{name}.bias"][:, keep]
+        params[f"{name}.weight"] = params[f"{name}.weight"][:, keep]
+        params[f"{nxt}.weight"] = w_next[:, :, keep]
+        widths[layer] = int(keep.sum())
+    return chain.with_widths(widths), params
+
+
+def prune_redundant(
+    chain: Chain,
+    final: FitResult,
+    data: ProbeData,
+    h: ClusterHparams,
+    seed: int,
+    table: pd.DataFrame,
+    reference: float = math.inf,
+) -> tuple[Chain, FitResult]:
+    """Greedy width minimisation of the finetuned reconstruction: remove the weakest neuron
+    (of the ``redundant_trials`` weakest, in order) whose removal and refit keeps the training
+    loss within ``redundant_factor`` of the loss before any removal (not of the last one, so
+    removals cannot compound); repeat until none can go. The teacher
+    is the smallest network with its function, so a neuron the fit does without is an excess
+    one (e.g. two that cancel each other); such clusters are reported ``dropped_redundant``.
+    Only a reconstruction that fits the data about as well as the best student (within
+    ``redundant_factor`` of ``reference``) is pruned: for a poor one the test means nothing."""
+    x = data.x[:8192]
+    loss = float(final.train_loss[0])
+    limit = h.redundant_factor * max(loss, 1e-14 * float(data.y.var()))
+    trials = h.redundant_trials if loss <= h.redundant_factor * reference else 0
+    while trials > 0:
+        candidates = []
+        for layer, hid in enumerate(_hidden(chain, final.params, x)):
+            a = final.params[f"{chain.layers[layer + 1]}.weight"][0]
+            share = hid.std(dim=0) * a.norm(dim=0)
+            share = share / share.max().clamp_min(torch.finfo(share.dtype).tiny)
+            if chain.widths[layer] > 1:
+                candidates += [(float(c), layer, k) for k, c in enumerate(share.tolist())]
+        for _, layer, k in sorted(candidates)[:trials]:
+            drop = [torch.zeros(w, dtype=torch.bool) for w in chain.widths]
+            drop[layer][k] = True
+            smaller, params = drop_neurons(chain, final.params, drop, x)
+            refit = fit(smaller, params, data, h.final, seed, tag="final-redundant")
+            if float(refit.train_loss[0]) <= limit:
+                _mark_weak(table, chain, drop, "dropped_redundant")
+                chain, final = smaller, refit
+                break
+        else:
+            break
+    return chain, final
+
+
+def _mark_weak(
+    table: pd.DataFrame, chain: Chain, weak: list[torch.Tensor], status: str = "dropped_weak"
+) -> None:
+    """Mark the clusters of dropped neurons ``status``; renumber the others."""
+    for layer, mask in enumerate(weak):
+        rows = table.index[(table.layer == chain.layers[layer]) & (table.status == "kept")]
+        rows = rows[np.argsort(table.loc[rows, "recovered"].to_numpy())]
+        for k, row in enumerate(rows):
+            if bool(mask[k]):
+                table.loc[row, "status"] = status
+                table.loc[row, "recovered"] = -1
+        kept = table.index[(table.layer == chain.layers[layer]) & (table.status == "kept")]
+        kept = kept[np.argsort(table.loc[kept, "recovered"].to_numpy())]
+        table.loc[kept, "recovered"] = np.arange(len(kept))
+
+
+class RecoveryFailed(RuntimeError):
+    """No neuron of a layer survived the filters; ``clusters``: the cluster table so far."""
+
+    def __init__(self, message: str, clusters: pd.DataFrame):
+        super().__init__(message)
+        self.clusters = clusters
+
+
+def _correct(chain: Chain, params: dict, data: ProbeData, symmetry: Symmetry):
+    """Least-squares correction of the collapsed network: the output bias, or (even-linear
+    activations) an affine skip ``S x + s`` from the inputs."""
+    from pipeline.recovery.chain import forward
+
+    with torch.no_grad():
+        residual = data.y - forward(chain, params, data.x)[0]
+    out = chain.layers[-1]
+    params = dict(params)
+    if symmetry.sign == "even_linear":
+        chain = replace(chain, skip=True)
+        design = torch.cat(
+            [data.x, torch.ones(len(data.x), 1, dtype=data.x.dtype, device=data.x.device)], dim=1
+        )
+        theta = torch.linalg.lstsq(design, residual).solution
+        params["skip.weight"] = theta[:-1].T[None].contiguous()
+        params["skip.bias"] = theta[-1][None].contiguous()
+    elif chain.bias:
+        params[f"{out}.bias"] = params[f"{out}.bias"] + residual.mean(0)[None]
+    return chain, params

@@ -1,0 +1,86 @@
+"""The problems of a ``recovery`` study, read from its config block (torch-free: the workflow
+calls this while it parses).
+
+A study block::
+
+    problems:                     # named problems, each a teacher and a probe (+ overrides)
+      toy_tanh: {teacher: {kind: toy, ...}, probe: {inputs: gaussian, n: 500}}
+      digits: {teacher: {kind: run, study: digits_teacher, run: "seed~1"}, probe: {inputs: digits}}
+    family: {count: 12, seed: 0, probe: {...}, ...}   # generated toy problems (toy_family)
+    expand: {...}                 # ExpandHparams, shared; a problem's own `expand` overrides
+    cluster: {...}                # ClusterHparams, likewise
+    lottery: {strategies: [sparse_global, fc19, han], fraction: 0.2, levels: 4}
+"""
+
+from __future__ import annotations
+
+import random
+
+from pipeline import seeding
+
+
+def toy_family(
+    count: int,
+    seed: int = 0,
+    activations=("relu", "tanh", "sigmoid"),
+    input_dims=(2, 10),
+    widths=(3, 8),
+    gains=None,
+    **teacher,
+) -> dict[str, dict]:
+    """``count`` toy teacher configs: input dims and hidden widths drawn uniformly from the
+    inclusive ranges, activations in turn, teacher seeds derived from ``seed``; named
+    ``{activation}-d{dim}-w{width}-{i}``. ``gains``: a weight gain per activation (default 1;
+    ``sigmoid(z) = (1 + tanh(z / 2)) / 2``, so a sigmoid teacher of gain 2 spans the
+    nonlinearity as a tanh teacher of gain 1); ``teacher``: further ToyTeacher fields for all."""
+    gains = gains or {}
+    rng = random.Random(seeding.derive(seed, "toy-family"))
+    out = {}
+    for i in range(count):
+        act = activations[i % len(activations)]
+        dim = rng.randint(input_dims[0], input_dims[1])
+        width = rng.randint(widths[0], widths[1])
+        out[f"{act}-d{dim}-w{width}-{i}"] = {
+            "kind": "toy",
+            "input_dim": dim,
+            "widths": [width],
+            "activation": act,
+            "seed": seeding.derive(seed, "toy-teacher", i) % 2**31,
+            "gain": gains.get(act, 1.0),
+            **teacher,
+        }
+    return out
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def problems(study: dict) -> dict[str, dict]:
+    """``name -> {teacher, probe, expand, cluster}`` with the study-level settings merged in."""
+    out: dict[str, dict] = {}
+    for name, spec in study.get("problems", {}).items():
+        out[name] = {
+            "teacher": spec["teacher"],
+            "probe": spec.get("probe", {}),
+            "expand": _merge(study.get("expand", {}), spec.get("expand", {})),
+            "cluster": _merge(study.get("cluster", {}), spec.get("cluster", {})),
+        }
+    if "family" in study:
+        family = dict(study["family"])
+        probe = family.pop("probe", {"inputs": "gaussian"})
+        for name, teacher in toy_family(**family).items():
+            out[name] = {
+                "teacher": teacher,
+                "probe": probe,
+                "expand": study.get("expand", {}),
+                "cluster": study.get("cluster", {}),
+            }
+    return out

@@ -1,0 +1,237 @@
+"""Name-keyed registries of functions, discoverable without importing them.
+
+A registry is filled by a decorator (``@register_model("mlp")``), timm-style. Snakemake needs the
+names (for config validation and wildcard constraints) and the source fingerprints (to re-run only
+the jobs of an edited metric) while it parses the workflow, where importing torch would cost
+seconds. So every registry can also *read* its entries from the source files with :mod:`ast`:
+names, parameter names and defaults, and a hash of each function's source together with the
+pipeline-internal helpers it calls. The real function is imported only when it is used.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import hashlib
+import importlib
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the source says about one registered function."""
+
+    name: str
+    module: str  # dotted module path, e.g. "pipeline.models.mlp"
+    function: str
+    params: tuple[str, ...]  # keyword parameters (after the positional-only/required ones)
+    defaults: dict
+    doc: str
+    meta: dict  # the decorator's keyword arguments, e.g. needs=("history",)
+
+
+class Registry:
+    """A table ``name -> function`` for one kind of thing (model, dataset, metric...).
+
+    ``decorator`` is the name the decorator is bound to in the source files, and ``packages`` the
+    sub-packages of ``pipeline`` (as dotted names relative to it) whose modules may register.
+    """
+
+    def __init__(self, kind: str, decorator: str, packages: tuple[str, ...] = ("",), skip: int = 0):
+        self.kind = kind
+        self.decorator = decorator
+        self.packages = packages
+        self.skip = skip  # leading positional parameters supplied by the caller, not the config
+        self._loaded: dict[str, object] = {}
+
+    # -- registration (runs when a module is imported) -------------------------------------
+    def __call__(self, name: str, **meta):
+        """Register the decorated function as ``name``; ``meta`` keywords must be literals
+        (they are read from the source without importing it, see :attr:`Entry.meta`)."""
+
+        def wrap(fn):
+            if name in self._loaded and self._loaded[name] is not fn:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._loaded[name] = fn
+            return fn
+
+        return wrap
+
+    # -- discovery (no import) ------------------------------------------------------------
+    def entries(self) -> dict[str, Entry]:
+        return _scan(self.decorator, self.packages, self.skip)
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return sorted(n for n in self.entries() if fnmatch.fnmatch(n, pattern))
+
+    def entry(self, name: str) -> Entry:
+        entries = self.entries()
+        if name not in entries:
+            raise KeyError(f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(entries))}")
+        return entries[name]
+
+    def get(self, name: str):
+        """The registered function itself (imports its module)."""
+        entry = self.entry(name)
+        if name not in self._loaded:
+            importlib.import_module(entry.module)
+        return self._loaded[name]
+
+    def fingerprint(self, name: str) -> str:
+        entry = self.entry(name)
+        return source_fingerprint(entry.module, entry.function)
+
+
+def _module_path(module: str) -> Path:
+    rel = module.split(".")[1:]
+    path = PACKAGE_ROOT.joinpath(*rel)
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+@cache
+def _parse(module: str) -> ast.Module:
+    path = _module_path(module)
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def _modules_in(package: str) -> list[str]:
+    base = PACKAGE_ROOT.joinpath(*package.split(".")) if package else PACKAGE_ROOT
+    if base.with_suffix(".py").is_file():
+        return [f"pipeline.{package}"]
+    mods = []
+    for path in sorted(base.rglob("*.py")):
+        rel = path.relative_to(PACKAGE_ROOT).with_suffix("")
+        parts = [p for p in rel.parts if p != "__init__"]
+        mods.append(".".join(["pipeline", *parts]))
+    return mods
+
+
+@cache
+def _scan(decorator: str, packages: tuple[str, ...], skip: int) -> dict[str, Entry]:
+    found: dict[str, Entry] = {}
+    for package in packages:
+        for module in _modules_in(package):
+            for node in _parse(module).body:
+                if not isinstance(node, ast.FunctionDef):
+                    continue
+                for dec in node.decorator_list:
+                    if (
+                        isinstance(dec, ast.Call)
+                        and isinstance(dec.func, ast.Name)
+                        and dec.func.id == decorator
+                        and dec.args
+                        and isinstance(dec.args[0], ast.Constant)
+                    ):
+                        name = dec.args[0].value
+                        if name in found:
+                            raise ValueError(f"{decorator}({name!r}) appears twice")
+                        found[name] = _entry(name, module, node, skip, dec.keywords)
+    return found
+
+
+def _entry(name: str, module: str, fn: ast.FunctionDef, skip: int, keywords) -> Entry:
+    args = fn.args
+    positional = [a.arg for a in args.posonlyargs + args.args]
+    kw = positional[skip:] + [a.arg for a in args.kwonlyargs]
+    defaults: dict = {}
+    pos_defaults = args.defaults
+    for arg, default in zip(
+        positional[len(positional) - len(pos_defaults) :], pos_defaults, strict=True
+    ):
+        defaults[arg] = _literal(default)
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults, strict=True):
+        if default is not None:
+            defaults[arg.arg] = _literal(default)
+    meta = {k.arg: _literal(k.value) for k in keywords if k.arg}
+    return Entry(name, module, fn.name, tuple(kw), defaults, ast.get_docstring(fn) or "", meta)
+
+
+def _literal(node):
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        return ast.unparse(node)
+
+
+# -- source fingerprints ----------------------------------------------------------------------
+def _top_level(module: str) -> dict[str, ast.AST]:
+    defs: dict[str, ast.AST] = {}
+    for node in _parse(module).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef):
+            defs[node.name] = node
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    defs[target.id] = node
+    return defs
+
+
+def _imports(module: str) -> dict[str, tuple[str, str]]:
+    """``local name -> (module, name)`` for ``from pipeline... import name`` statements."""
+    out: dict[str, tuple[str, str]] = {}
+    is_package = _module_path(module).name == "__init__.py"
+    package = module if is_package else module.rsplit(".", 1)[0]
+    for node in _parse(module).body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                src = ".".join(base + ([node.module] if node.module else []))
+            else:
+                src = node.module or ""
+            if not src.startswith("pipeline"):
+                continue
+            for alias in node.names:
+                out[alias.asname or alias.name] = (src, alias.name)
+    return out
+
+
+def source_fingerprint(module: str, name: str) -> str:
+    """Hash of a function's source plus, recursively, the pipeline helpers it references.
+
+    Helpers are top-level definitions of the same module, or names imported from another
+    ``pipeline`` module. Editing any of them changes the fingerprint; editing an unrelated
+    function in the same file does not.
+    """
+    seen: set[tuple[str, str]] = set()
+    chunks: list[str] = []
+    stack = [(module, name)]
+    while stack:
+        mod, nm = stack.pop()
+        if (mod, nm) in seen:
+            continue
+        seen.add((mod, nm))
+        try:
+            defs = _top_level(mod)
+        except (FileNotFoundError, SyntaxError):
+            continue
+        node = defs.get(nm)
+        if node is None:
+            imported = _imports(mod).get(nm)
+            if imported:
+                stack.append(imported)
+            continue
+        chunks.append(f"{mod}:{nm}\n{ast.unparse(node)}")
+        imports = _imports(mod)
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and sub.id != nm:
+                if sub.id in defs:
+                    stack.append((mod, sub.id))
+                elif sub.id in imports:
+                    stack.append(imports[sub.id])
+    return hashlib.sha256("\n".join(sorted(chunks)).encode()).hexdigest()[:16]
+
+
+def source_constant(module: str, name: str):
+    """The literal value of a module-level constant, read from the source without importing
+    it (Snakemake's parser needs, e.g., a science's table names without importing torch)."""
+    for node in _parse(module).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return ast.literal_eval(node.value)
+    raise KeyError(f"{module} defines no constant {name}")

@@ -1,0 +1,1 @@
+"""One training loop (callbacks for the per-step trace), checkpoint schedules and resume."""

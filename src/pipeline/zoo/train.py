@@ -1,0 +1,346 @@
+"""Train a zoo: K independently seeded same-shape models as one vectorised program.
+
+The K models' parameters are stacked along a new leading axis
+(``torch.func.stack_module_state``) and one ``vmap(functional_call)`` runs all of them on their
+own minibatches: inputs ``[K, B, ...]``, logits ``[K, B, classes]``. The loss is the *sum* of the
+members' mean losses, so each member's gradient is exactly its own, and SGD/Adam (elementwise
+optimizers, coupled weight decay) update each slice as K separate optimizers would: member k
+follows the run ``train_run`` would do with seed k (same init, same per-epoch batch order
+``(seed, epoch)``, same augmentation), up to float re-association.
+
+Checkpoint selection: after every epoch each member is evaluated on the validation split (held
+out of the training data) and on the test split; its stored weights are those of the epoch with
+the best validation accuracy (the first of equals). The test numbers are only reported.
+
+Limits (clear errors): no BatchNorm (running statistics are per-member mutable state), no
+active dropout, no plateau schedule (the learning rate is shared). Those models train as
+ordinary runs and become members through :func:`pipeline.zoo.members.select_checkpoint`.
+
+Outputs in ``out_dir``: ``seed~{s}.pt`` (member files), ``history.parquet`` (seed, epoch, split,
+loss, accuracy, lr), ``summary.json``; resume state in ``out_dir/.resume/state.pt`` (written every
+epoch, never a declared output), so a killed job goes on from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from pipeline import io, seeding
+from pipeline.config import DatasetHparams, TrainHparams, run_fingerprint
+from pipeline.data import load as load_data
+from pipeline.data.tensors import TensorData, augment
+from pipeline.models import build
+from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
+from pipeline.zoo.members import save_member
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+SPLITS = ("train", "val", "test")
+
+
+def member_path(out_dir, seed: int) -> Path:
+    return Path(out_dir) / f"seed~{seed}.pt"
+
+
+def check_vectorisable(model: torch.nn.Module, name: str) -> None:
+    """Raise ``ValueError`` if ``model`` cannot train inside ``vmap`` (BatchNorm, dropout)."""
+    for path, mod in model.named_modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._NormBase):
+            raise ValueError(
+                f"model {name!r} has BatchNorm ({path}): its running statistics are mutable "
+                "per-model state, so it cannot train in a vectorised zoo; train it as separate "
+                "runs and select checkpoints with pipeline.zoo.members.select_checkpoint"
+            )
+        if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0:
+            raise ValueError(
+                f"model {name!r} has active dropout ({path}); set dropout: 0 to "
+                "train it in a vectorised zoo"
+            )
+
+
+class Zoo:
+    """K same-shape models as stacked parameters; ``forward(params, x)`` runs all of them.
+
+    ``x``: ``[K, B, ...]`` (each member its own batch) or ``[B, ...]`` (shared); returns
+    ``[K, B, outputs]``.
+    """
+
+    def __init__(self, models: list[torch.nn.Module], input_shape: tuple[int, ...]):
+        self.input_shape = tuple(input_shape)
+        self.skeleton = copy.deepcopy(models[0]).to("meta")
+        params, buffers = stack_module_state(models)
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        self.buffers = buffers
+        self.size = len(models)
+
+        def one(p, b, x):
+            return functional_call(self.skeleton, (p, b), (x,))
+
+        self._own = vmap(one)
+        self._shared = vmap(one, in_dims=(0, 0, None))
+
+    def forward(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == len(self.input_shape) + 2:
+            return self._own(params, self.buffers, x)
+        return self._shared(params, self.buffers, x)
+
+    def state(self, k: int, params: dict | None = None) -> dict:
+        """Member ``k``'s state dict (from ``params``, default the live parameters)."""
+        params = self.params if params is None else params
+        out = {n: p[k].detach().clone() for n, p in params.items()}
+        out.update({n: b[k].clone() for n, b in self.buffers.items()})
+        return out
+
+
+@torch.no_grad()
+def evaluate_zoo(zoo: Zoo, params: dict, split, loss, batch_size: int):
+    """Per-member mean loss and accuracy over a split (all members see the same examples)."""
+    total = torch.zeros(zoo.size, dtype=torch.float64)
+    correct = torch.zeros(zoo.size, dtype=torch.float64)
+    n = 0
+    for x, y in split.eval_batches(batch_size):
+        out = zoo.forward(params, x)
+        total += vmap(loss, in_dims=(0, None))(out, y).double().cpu() * len(y)
+        correct += vmap(predictions, in_dims=(0, None))(out, y).double().sum(1).cpu()
+        n += len(y)
+    return (total / max(n, 1)).numpy(), (correct / max(n, 1)).numpy()
+
+
+def _batches(train: TensorData, seeds, batch_size, drop_last, epoch, augment_images):
+    """Member k's minibatches of ``epoch`` exactly as ``TensorData.train_batches`` cuts them."""
+    orders = torch.stack(
+        [torch.randperm(len(train), generator=seeding.generator(s, "order", epoch)) for s in seeds]
+    ).to(train.x.device)
+    for b in range(train.num_batches(batch_size, drop_last)):
+        idx = orders[:, b * batch_size : (b + 1) * batch_size]
+        x = train.normalise(train.x[idx.reshape(-1)]).reshape(*idx.shape, *train.x.shape[1:])
+        if augment_images:
+            x = torch.stack(
+                [
+                    augment(x[k], seeding.generator(s, "augment", epoch, b))
+                    for k, s in enumerate(seeds)
+                ]
+            )
+        yield x, train.y[idx]
+
+
+def train_zoo(
+    out_dir,
+    hparams: dict,
+    seeds: list[int],
+    device: str = "cpu",
+    data_dir: str = "data",
+    threads: int = 1,
+    callbacks: tuple = (),
+) -> dict:
+    """Train one member per seed of the run ``hparams`` (its ``seed`` is ignored) into ``out_dir``.
+
+    ``callbacks``: objects with an optional ``on_epoch_end(epoch, zoo)`` method, called after an
+    epoch's resume state is written. Returns the summary (also written to ``summary.json``).
+    """
+    from pipeline import devices
+
+    out_dir = Path(out_dir)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"zoo seeds must be distinct and non-empty; got {seeds}")
+    torch.set_num_threads(threads)
+    h = TrainHparams(**hparams["train"])
+    d = DatasetHparams(**hparams["dataset"])
+    if h.schedule == "plateau":
+        raise ValueError(
+            "train.schedule: plateau is per-model; a vectorised zoo needs constant, "
+            "step or multistep"
+        )
+    dev, dtype = devices.resolve(device), DTYPES[h.dtype]
+    data = load_data(d.name, data_dir, d.val_fraction, d.subset, dev, dtype)
+    if data.val is None or not len(data.val):
+        raise ValueError(
+            "dataset.val_fraction must be > 0: zoo checkpoints are selected on the "
+            "validation split, never on the test set"
+        )
+    if not isinstance(data.train, TensorData):
+        raise ValueError(
+            f"dataset {d.name!r} is read from image folders; a vectorised zoo needs "
+            "a dataset resident as tensors"
+        )
+    name = hparams["model"]["name"]
+    options = {k: v for k, v in hparams["model"].items() if k != "name"}
+    models = [
+        build(name, data.input_shape, data.num_outputs, options, s, dtype).to(dev) for s in seeds
+    ]
+    check_vectorisable(models[0], name)
+    zoo = Zoo(models, data.input_shape)
+    optimizer = make_optimizer(list(zoo.params.values()), h)
+    sched = Schedule(h)
+    loss = loss_fn(h.loss)
+    per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
+    if per_epoch == 0:
+        raise ValueError(
+            f"train.batch_size {h.batch_size} exceeds the {len(data.train)} "
+            "training examples (with drop_last)"
+        )
+
+    K = len(seeds)
+    fingerprint = run_fingerprint({**hparams, "seed": None, "zoo_seeds": seeds})
+    resume = out_dir / ".resume" / "state.pt"
+    best = {k: v.detach().clone() for k, v in zoo.params.items()}
+    best_acc = np.full(K, -np.inf)
+    best_epoch = np.zeros(K, dtype=np.int64)
+    best_metrics = [dict() for _ in range(K)]
+    rows: list[tuple] = []  # (member, epoch, split, loss, accuracy, lr)
+    epoch, seconds = 0, 0.0
+    if resume.is_file():
+        state = io.load_torch(resume, map_location=dev)
+        if state.get("fingerprint") == fingerprint:
+            with torch.no_grad():
+                for k, v in state["params"].items():
+                    zoo.params[k].copy_(v)
+            optimizer.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["schedule"])
+            best = {k: v.clone() for k, v in state["best"].items()}
+            best_acc, best_epoch = state["best_acc"].numpy(), state["best_epoch"].numpy()
+            best_metrics = state["best_metrics"]
+            rows = [tuple(r) for r in state["rows"].tolist()]
+            epoch, seconds = state["epoch"], state["seconds"]
+    Schedule.apply(optimizer, sched.lr)
+
+    while epoch < h.epochs:
+        started = time.perf_counter()
+        train_loss = torch.zeros(K, dtype=torch.float64, device=dev)
+        train_correct = torch.zeros(K, dtype=torch.float64, device=dev)
+        for x, y in _batches(data.train, seeds, h.batch_size, h.drop_last, epoch, h.augment):
+            optimizer.zero_grad(set_to_none=True)
+            out = zoo.forward(zoo.params, x)
+            losses = vmap(loss)(out, y)
+            losses.sum().backward()
+            optimizer.step()
+            with torch.no_grad():
+                train_loss += losses.detach().double()
+                train_correct += vmap(predictions)(out.detach(), y).double().mean(1)
+        if not torch.isfinite(train_loss).all():
+            finite = torch.isfinite(train_loss).tolist()
+            bad = [s for s, ok in zip(seeds, finite, strict=True) if not ok]
+            raise FloatingPointError(
+                f"{out_dir}: training loss became NaN/inf in epoch {epoch} "
+                f"for seeds {bad}; lower train.lr"
+            )
+        lr = sched.lr
+        for k in range(K):
+            rows.append(
+                (
+                    k,
+                    epoch + 1,
+                    0,
+                    float(train_loss[k]) / per_epoch,
+                    float(train_correct[k]) / per_epoch,
+                    lr,
+                )
+            )
+        metrics = {}
+        for split, part in data.eval_splits().items():
+            lo, ac = evaluate_zoo(zoo, zoo.params, part, loss, h.eval_batch_size)
+            metrics[split] = (lo, ac)
+            rows += [(k, epoch + 1, SPLITS.index(split), lo[k], ac[k], lr) for k in range(K)]
+        val_acc = metrics["val"][1]
+        improved = val_acc > best_acc
+        with torch.no_grad():
+            for n, p in zoo.params.items():
+                mask = torch.as_tensor(improved, device=dev).reshape(-1, *[1] * (p.ndim - 1))
+                best[n] = torch.where(mask, p.detach(), best[n])
+        for k in np.flatnonzero(improved):
+            best_acc[k], best_epoch[k] = val_acc[k], epoch + 1
+            best_metrics[k] = {
+                f"{s}_{m}": float(metrics[s][i][k])
+                for s in metrics
+                for i, m in enumerate(("loss", "accuracy"))
+            }
+        Schedule.apply(optimizer, sched.end_epoch(epoch, {}))
+        epoch += 1
+        seconds += time.perf_counter() - started
+        io.save_torch(
+            resume,
+            {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "seconds": seconds,
+                "params": {k: v.detach() for k, v in zoo.params.items()},
+                "optimizer": optimizer.state_dict(),
+                "schedule": sched.state_dict(),
+                "best": best,
+                "best_acc": torch.as_tensor(best_acc),
+                "best_epoch": torch.as_tensor(best_epoch),
+                "best_metrics": best_metrics,
+                "rows": torch.tensor(rows, dtype=torch.float64),
+            },
+        )
+        for cb in callbacks:
+            if hasattr(cb, "on_epoch_end"):
+                cb.on_epoch_end(epoch, zoo)
+    return _finish(
+        out_dir,
+        zoo,
+        best,
+        hparams,
+        seeds,
+        data,
+        best_epoch,
+        best_metrics,
+        rows,
+        per_epoch,
+        h,
+        seconds,
+    )
+
+
+def _finish(
+    out_dir, zoo, best, hparams, seeds, data, best_epoch, best_metrics, rows, per_epoch, h, seconds
+) -> dict:
+    import pandas as pd
+
+    info = {
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_outputs,
+        "param_names": list(zoo.params),
+    }
+    members = {}
+    for k, s in enumerate(seeds):
+        e = int(best_epoch[k])
+        save_member(
+            member_path(out_dir, s),
+            zoo.state(k, best),
+            {**hparams, "seed": s},
+            info,
+            e,
+            e * per_epoch,
+            best_metrics[k],
+        )
+        members[str(s)] = {"epoch": e, **best_metrics[k]}
+    arr = np.array(rows, dtype=float).reshape(-1, 6)
+    history = pd.DataFrame(
+        {
+            "seed": np.asarray(seeds)[arr[:, 0].astype(int)],
+            "epoch": arr[:, 1].astype(np.int64),
+            "split": pd.Categorical.from_codes(arr[:, 2].astype(int), SPLITS),
+            "loss": arr[:, 3],
+            "accuracy": arr[:, 4],
+            "lr": arr[:, 5],
+        }
+    )
+    io.write_parquet(Path(out_dir) / "history.parquet", history)
+    steps = per_epoch * h.epochs
+    summary = {
+        "seeds": seeds,
+        "members": members,
+        "epochs": h.epochs,
+        "steps": steps,
+        "seconds": seconds,
+        "examples_per_second": len(seeds) * steps * h.batch_size / seconds if seconds else None,
+    }
+    io.write_json(Path(out_dir) / "summary.json", summary)
+    return summary

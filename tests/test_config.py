@@ -1,0 +1,142 @@
+"""Config validation names the key and the allowed values; run names are readable and stable."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+
+from pipeline import config as cfg
+from pipeline.config import ConfigError, Plan, expand_runs, resolve_hparams
+
+BASE = {
+    "studies": {
+        "s": {
+            "kind": "train",
+            "dataset": {"name": "digits"},
+            "model": {"name": "mlp", "widths": [8]},
+            "train": {"lr": 0.1, "epochs": 1},
+            "sweep": {"lr": [0.1, 0.01], "wd": [0, 5e-4]},
+            "seeds": [1, 2],
+            "metrics": ["translation"],
+        }
+    }
+}
+
+
+def problems(mutate) -> str:
+    config = copy.deepcopy(BASE)
+    mutate(config["studies"]["s"])
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(config)
+    return str(err.value)
+
+
+def test_valid_config_expands_to_named_runs():
+    plan = Plan.from_config(copy.deepcopy(BASE))
+    names = [r.name for r in plan.runs["s"]]
+    assert names[:2] == ["lr~0.1/wd~0.0/seed~1", "lr~0.1/wd~0.0/seed~2"]
+    assert names[-1] == "lr~0.01/wd~0.0005/seed~2"
+    assert len(names) == 8
+    run = plan.run("s", "lr~0.01/wd~0.0005/seed~2")
+    assert run.hparams["train"]["wd"] == 0.0005 and run.hparams["train"]["lr"] == 0.01
+
+
+def test_typo_key_names_key_and_allowed():
+    text = problems(lambda s: s["train"].update(lrr=0.1))
+    assert "studies.s.train.lrr: unknown key" in text
+    assert "momentum" in text and "wd" in text
+
+
+def test_wrong_type_and_negative_lr():
+    assert "studies.s.train.epochs" in problems(lambda s: s["train"].update(epochs="ten"))
+    text = problems(lambda s: s["train"].update(lr=-0.1))
+    assert "studies.s.train.lr" in text
+
+
+def test_unknown_names_list_allowed_values():
+    text = problems(lambda s: s["model"].update(name="resnet9000"))
+    assert "studies.s.model.name" in text and "mlp" in text and "vgg16" in text
+    text = problems(lambda s: s["model"].update(widthz=[3]))
+    assert "studies.s.model.widthz: unknown option for model 'mlp'" in text and "widths" in text
+    text = problems(lambda s: s.update(metrics=["translashun"]))
+    assert "translashun" in text and "rescale" in text
+    text = problems(lambda s: s["dataset"].update(name="mnistt"))
+    assert "studies.s.dataset.name" in text and "fashion_mnist" in text
+    text = problems(lambda s: s["train"].update(optimizer="sgdd"))
+    assert "'sgdd' is not allowed; allowed: sgd, adam" in text
+
+
+def test_sweep_keys_are_checked():
+    assert "studies.s.sweep.lrate: unknown sweep key" in problems(
+        lambda s: s["sweep"].update(lrate=[1])
+    )
+    assert "has no option 'depth'" in problems(lambda s: s["sweep"].update({"model.depth": [1]}))
+
+
+def test_mechanics_needs_step0_and_trace_metrics_need_mechanics():
+    def no_step0(s):
+        s["train"]["mechanics"] = True
+        s["checkpoints"] = {"step0": False}
+
+    assert "checkpoints.step0" in problems(no_step0)
+    assert "need train.mechanics: true" in problems(lambda s: s.update(metrics=["gradient_norm"]))
+
+
+def test_adding_a_defaulted_hyperparameter_renames_and_reruns_nothing(monkeypatch):
+    runs = expand_runs("s", BASE["studies"]["s"])
+    before = [(r.name, r.nondefault) for r in runs]
+
+    # a new training hyperparameter with a default appears in the code
+    @dataclass(frozen=True)
+    class Extended(cfg.TrainHparams):
+        label_smoothing: float = 0.0
+
+    monkeypatch.setitem(cfg.SECTIONS, "train", Extended)
+    assert "label_smoothing" in expand_runs("s", BASE["studies"]["s"])[0].hparams["train"]
+    after = [(r.name, r.nondefault) for r in expand_runs("s", BASE["studies"]["s"])]
+    assert after == before
+
+
+def test_nondefault_round_trips_to_full_hparams():
+    for run in expand_runs("s", BASE["studies"]["s"]):
+        assert resolve_hparams(run.nondefault) == run.hparams
+        assert "momentum" not in run.nondefault.get("train", {})
+
+
+def test_default_and_paper_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [
+        root / "config" / "config.yaml",
+        *sorted((root / "config" / "paper").glob("*.yaml")),
+    ]:
+        Plan.from_config(cfg.load(path))
+
+
+def test_sweep_over_whole_models_and_datasets():
+    study = {
+        **copy.deepcopy(BASE["studies"]["s"]),
+        "sweep": {
+            "dataset.name": ["digits"],
+            "model": [
+                {"name": "mlp", "widths": [500] * 5, "label": "mlp5x500"},
+                {"name": "myrtle", "width": 8},
+            ],
+            "lr": [0.1],
+        },
+    }
+    study.pop("model")
+    cfg.validate({"studies": {"s": study}})
+    runs = expand_runs("s", study)
+    assert [r.name for r in runs[::2]] == [
+        "dataset~digits/model~mlp5x500/lr~0.1/seed~1",
+        "dataset~digits/model~myrtle/lr~0.1/seed~1",
+    ]
+    assert runs[0].hparams["model"] == {"name": "mlp", "widths": [500] * 5}
+    bad = copy.deepcopy(study)
+    bad["sweep"]["model"][1] = {"name": "mlp", "depth": 3}
+    with pytest.raises(ConfigError, match=r"sweep.model\[1\].depth: unknown option"):
+        cfg.validate({"studies": {"s": bad}})

@@ -1,0 +1,103 @@
+"""Expand-and-Cluster end to end on fixed-seed toy teachers: the width and every neuron are
+recovered, the held-out error is no worse than the best student's, and a random element of the
+teacher's own symmetry group applied before probing changes nothing up to that group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models import build, neuron_structure
+from pipeline.recovery.chain import chain_of, member, stack
+from pipeline.recovery.cluster import ClusterHparams
+from pipeline.recovery.collapse import reconstruct
+from pipeline.recovery.evaluate import compare, recovery_summary
+from pipeline.recovery.students import ExpandHparams, FitHparams, train_students
+from pipeline.recovery.teachers import ToyTeacher, make_toy_teacher, probe, probe_distribution
+from pipeline.symmetry.actions import random_element
+
+STUDENTS = ExpandHparams(
+    students=10,
+    rho=4,
+    seed=0,
+    fit=FitHparams(
+        lr=1e-2,
+        batch_size=0,
+        max_epochs=2000,
+        plateau_patience=50,
+        plateau_cooldown=50,
+        min_lr=1e-6,
+        log_every=500,
+    ),
+)
+CLUSTER = ClusterHparams(final=FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=60, log_every=10))
+TEACHERS = {
+    "relu-10d-4": ToyTeacher(10, (4,), "relu", min_angle=30, min_outgoing=0.5, seed=1),
+    "tanh-10d-4": ToyTeacher(10, (4,), "tanh", min_angle=30, min_outgoing=0.5, seed=1),
+}
+
+
+def expand_and_cluster(chain, params):
+    data = probe_distribution(chain, params, 500, 1000, seed=1)
+    s_chain, students = train_students(chain, data, STUDENTS)
+    return data, students, reconstruct(s_chain, students, data, CLUSTER)
+
+
+@pytest.fixture(scope="module", params=sorted(TEACHERS))
+def recovered(request):
+    torch.set_num_threads(1)
+    chain, params = make_toy_teacher(TEACHERS[request.param])
+    data, students, rec = expand_and_cluster(chain, params)
+    return request.param, chain, params, data, students, rec
+
+
+def test_toy_teachers_are_recovered(recovered):
+    name, chain, params, data, students, rec = recovered
+    neurons, layers = compare(chain, params, rec.chain, rec.params)
+    assert rec.widths == chain.widths, (name, rec.clusters)
+    teacher_rows = neurons[neurons.kind == "teacher"]
+    assert len(teacher_rows) == sum(chain.widths)
+    assert (teacher_rows.d_w < 1e-3).all(), teacher_rows
+    assert teacher_rows.match.nunique() == len(teacher_rows)  # one recovered neuron each
+    assert recovery_summary(layers)
+    held_out = float(rec.finetune.test_loss[0])
+    assert held_out <= 2 * float(students.test_loss.min()), (held_out, students.test_loss)
+    # the students themselves did not get there: clustering did the work
+    assert float(students.test_loss.min()) > 1e-9
+    # every cluster is accounted for: kept ones are the recovered neurons, the rest say why
+    table = rec.clusters
+    assert (table.status == "kept").sum() == sum(rec.widths)
+    assert set(table.status) <= {
+        "kept",
+        "dropped_small",
+        "dropped_spread",
+        "dropped_linear",
+        "dropped_weak",
+        "dropped_redundant",
+        "merged",
+    }
+    assert table["size"].sum() == STUDENTS.students * 4 * chain.widths[0]
+
+
+def test_symmetry_of_the_teacher_changes_nothing(recovered):
+    name, chain, params, data, students, rec = recovered
+    model = build("mlp", (chain.input_dim,), chain.outputs, chain.model_options(), 0, torch.float64)
+    structure = neuron_structure(model, (chain.input_dim,))
+    assert chain_of(structure, chain.input_dim) == chain
+    gen = torch.Generator().manual_seed(7)
+    element = random_element(structure, gen)
+    moved = stack([element.apply(member(params, 0), structure)])
+    # a different parameter vector ...
+    assert max((moved[k] - params[k]).abs().max() for k in params) > 0.1
+    # ... with the same function, hence the same probe data up to round-off
+    x = torch.randn(256, chain.input_dim, dtype=torch.float64)
+    assert torch.allclose(probe(chain, moved, x), probe(chain, params, x), atol=1e-12, rtol=0)
+    _, _, rec_moved = expand_and_cluster(chain, moved)
+    assert rec_moved.widths == rec.widths
+    # the two recovered sets agree up to the group: each neuron of one has its partner
+    neurons, _ = compare(rec.chain, rec.params, rec_moved.chain, rec_moved.params)
+    pairs = neurons[neurons.kind == "teacher"]
+    assert pairs.match.nunique() == len(pairs) and (pairs.d_w < 1e-6).all(), pairs
+    # and both are the (moved) teacher up to the group
+    moved_neurons, _ = compare(chain, moved, rec_moved.chain, rec_moved.params)
+    assert (moved_neurons[moved_neurons.kind == "teacher"].d_w < 1e-3).all()

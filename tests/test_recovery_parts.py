@@ -1,0 +1,332 @@
+"""The parts of Expand-and-Cluster against naive references: the stacked forward, the batched
+Adam and per-student plateau schedules, resume, distances, the one-pass cut, planted clusters,
+and the exact collapse of duplicated, scaled and sign-flipped neurons."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import pdist
+
+from pipeline.models import build
+from pipeline.recovery import students as students_module
+from pipeline.recovery.chain import Chain, chain_of, forward, init_stack, member, stack
+from pipeline.recovery.cluster import (
+    ClusterHparams,
+    cluster_layer,
+    condensed_distances,
+    cut,
+    symmetry_of,
+)
+from pipeline.recovery.collapse import fold_constant_inputs, reconstruct
+from pipeline.recovery.students import FitHparams, FitResult, StackedPlateau, fit
+from pipeline.recovery.teachers import ProbeData, ToyTeacher, make_toy_teacher, probe
+
+F64 = torch.float64
+
+
+def toy_data(chain, params, n=300, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, chain.input_dim, generator=gen, dtype=F64)
+    xt = torch.randn(n, chain.input_dim, generator=gen, dtype=F64)
+    return ProbeData(x, probe(chain, params, x), xt, probe(chain, params, xt))
+
+
+def test_stacked_forward_equals_the_mlp_modules():
+    chain = Chain(5, (7, 3), 2, "tanh")
+    models = [build("mlp", (5,), 2, chain.model_options(), s, F64) for s in range(3)]
+    params = stack([m.state_dict() for m in models])
+    x = torch.randn(11, 5, dtype=F64)
+    out = forward(chain, params, x)
+    for n, m in enumerate(models):
+        torch.testing.assert_close(out[n], m(x), rtol=0, atol=1e-14)
+    per_model_inputs = torch.randn(3, 11, 5, dtype=F64)
+    out = forward(chain, params, per_model_inputs)
+    for n, m in enumerate(models):
+        torch.testing.assert_close(out[n], m(per_model_inputs[n]), rtol=0, atol=1e-14)
+    stacked = init_stack(chain, 2, seed=4)
+    assert stacked["fc1.weight"].shape == (2, 7, 5) and not torch.equal(*stacked["fc1.weight"])
+
+
+def test_chain_of_refuses_what_is_not_a_plain_mlp():
+    from pipeline.models import neuron_structure
+
+    model = build("mlp", (6,), 3, {"widths": [4], "batch_norm": True}, 0)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        chain_of(neuron_structure(model, (6,)), 6)
+    model = build("mlp", (1, 2, 3), 3, {"widths": [4, 5], "activation": "gelu"}, 0)
+    assert chain_of(neuron_structure(model, (1, 2, 3)), 6) == Chain(6, (4, 5), 3, "gelu")
+
+
+def test_vectorised_students_follow_separate_adam_runs():
+    """Three students trained in one program equal three torch.optim.Adam runs (same batches)."""
+    chain = Chain(4, (6,), 2, "tanh")
+    teacher, t_params = make_toy_teacher(ToyTeacher(4, (3,), "tanh", outputs=2, seed=2))
+    data = toy_data(teacher, t_params, 96)
+    params = init_stack(chain, 3, seed=5)
+    h = FitHparams(lr=3e-3, batch_size=32, max_epochs=4, plateau_patience=10**6, log_every=2)
+    result = fit(chain, params, data, h, seed=1, tag="t")
+    for n in range(3):
+        model = build("mlp", (4,), 2, chain.model_options(), 0, F64)
+        model.load_state_dict(member(params, n))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for epoch in range(4):
+            from pipeline import seeding
+
+            order = torch.randperm(96, generator=seeding.generator(1, "order", "t", epoch))
+            for b in range(3):
+                idx = order[32 * b : 32 * (b + 1)]
+                opt.zero_grad()
+                ((model(data.x[idx]) - data.y[idx]) ** 2).mean().backward()
+                opt.step()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(result.params[k][n], v, rtol=0, atol=1e-13)
+    assert len(result.history) == 2 * 3  # epochs 2 and 4, three students
+
+
+def test_per_student_plateau_follows_torch_reduce_on_plateau():
+    h = FitHparams(
+        lr=0.1,
+        plateau_factor=0.5,
+        plateau_patience=3,
+        plateau_cooldown=2,
+        plateau_threshold=0.01,
+        min_lr=1e-4,
+    )
+    gen = torch.Generator().manual_seed(0)
+    n, epochs = 4, 80
+    trend = torch.linspace(1, 0.2, epochs, dtype=F64)[:, None]
+    losses = trend * torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=F64) + 0.05 * torch.rand(
+        epochs, n, generator=gen, dtype=F64
+    )
+    losses[:, 0] = 1.0  # student 0 never improves: it drops fastest and stops
+    sched = StackedPlateau(n, h, F64, "cpu")
+    refs = []
+    for _ in range(n):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        refs.append(
+            (
+                opt,
+                torch.optim.lr_scheduler.ReduceLROnPlateau(
+                    opt, factor=0.5, patience=3, cooldown=2, threshold=0.01, threshold_mode="rel"
+                ),
+            )
+        )
+    stopped = torch.zeros(n, dtype=torch.bool)
+    for e in range(epochs):
+        sched.update(losses[e])
+        for s, (opt, ref) in enumerate(refs):
+            if stopped[s]:
+                continue
+            ref.step(float(losses[e, s]))
+            lr = opt.param_groups[0]["lr"]
+            if lr < h.min_lr:  # our student stops where torch would go below min_lr
+                stopped[s] = True
+                assert not sched.active[s]
+                continue
+            assert sched.active[s] and math.isclose(float(sched.lr[s]), lr, rel_tol=1e-12)
+    assert stopped[0] and sched.status[0] == 0  # converged
+    assert sched.active[1:].any()
+
+
+def test_a_killed_fit_resumes_bit_identically(tmp_path, monkeypatch):
+    teacher, t_params = make_toy_teacher(ToyTeacher(3, (2,), "relu", seed=4))
+    data = toy_data(teacher, t_params, 64)
+    chain = Chain(3, (8,), 1, "relu")
+    params = init_stack(chain, 4, seed=1)
+    h = FitHparams(
+        lr=1e-2,
+        batch_size=16,
+        max_epochs=30,
+        checkpoint_every=10,
+        log_every=5,
+        plateau_patience=2,
+        plateau_cooldown=1,
+    )
+    reference = fit(chain, params, data, h, seed=2)
+    original = StackedPlateau.update
+    calls = {"n": 0}
+
+    def dies_at_25(self, loss):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return original(self, loss)
+
+    monkeypatch.setattr(StackedPlateau, "update", dies_at_25)
+    state = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(chain, params, data, h, seed=2, resume=state)
+    monkeypatch.setattr(StackedPlateau, "update", original)
+    assert students_module.io.load_torch(state)["epoch"] == 20
+    resumed = fit(chain, params, data, h, seed=2, resume=state)
+    for k in reference.params:
+        assert torch.equal(resumed.params[k], reference.params[k])
+    assert resumed.history.equals(reference.history)
+    assert resumed.status == reference.status
+
+
+def test_distances_by_matrix_products_equal_pdist():
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(300, 7))
+    np.testing.assert_allclose(condensed_distances(u, False, block=64), pdist(u), atol=1e-12)
+    naive = np.minimum(pdist(u), pdist(u, lambda a, b: np.linalg.norm(a + b)))
+    np.testing.assert_allclose(condensed_distances(u, True, block=50), naive, atol=1e-12)
+
+
+def naive_cut(link, min_support, owner, rule):
+    """fcluster at every distinct merge height; in the first run of the maximal count of
+    clusters with >= min_support distinct owners, the highest height or the one followed by the
+    largest gap to the next height."""
+    heights = np.unique(link[:, 2])
+    counts = []
+    for t in heights:
+        labels = fcluster(link, t, "distance")
+        support = [len(set(owner[labels == c])) for c in np.unique(labels)]
+        counts.append(sum(s >= min_support for s in support))
+    counts = np.array(counts)
+    first = int(np.argmax(counts == counts.max()))
+    last = first
+    while last + 1 < len(counts) and counts[last + 1] == counts.max():
+        last += 1
+    if rule == "highest":
+        chosen = last
+    else:
+        gaps = [
+            (heights[i + 1] if i + 1 < len(heights) else heights[i]) - heights[i]
+            for i in range(first, last + 1)
+        ]
+        chosen = first + int(np.argmax(gaps))
+    return fcluster(link, heights[chosen], "distance"), heights[chosen]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_pass_cut_equals_fcluster_at_every_height(seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, 5))
+    points = np.concatenate([c + 0.05 * rng.normal(size=(8, 5)) for c in centres])
+    points = np.concatenate([points, rng.normal(size=(12, 5))])
+    points = np.round(points, 1)  # ties in the merge heights
+    owner = rng.integers(0, 10, size=len(points))
+    link = linkage(pdist(points), "average")
+    for support in (None, owner):
+        for rule in ("gap", "highest"):
+            labels, height, count = cut(link, 5, support, rule)
+            ref_labels, ref_height = naive_cut(
+                link, 5, owner if support is not None else np.arange(len(points)), rule
+            )
+            assert height == ref_height
+            assert np.array_equal(labels, ref_labels)
+
+
+def test_planted_neurons_are_clustered_and_every_drop_is_reported():
+    """Ten students each hold noisy, rescaled, sign-flipped copies of five directions (some
+    missing) plus random neurons: five clusters are kept, the rest are listed as dropped."""
+    gen = torch.Generator().manual_seed(3)
+    directions = torch.nn.functional.normalize(torch.randn(5, 6, generator=gen, dtype=F64), dim=1)
+    vectors, owner = [], []
+    for s in range(10):
+        for j in range(5):
+            if (s + j) % 7 == 0:
+                continue  # student s lacks direction j
+            scale = 0.5 + torch.rand(1, generator=gen, dtype=F64)
+            sign = 1 if torch.rand(1, generator=gen) < 0.5 else -1
+            noise = 1e-3 * torch.randn(6, generator=gen, dtype=F64)
+            vectors.append(sign * scale * (directions[j] + noise))
+            owner.append(s)
+        for _ in range(3):
+            vectors.append(torch.randn(6, generator=gen, dtype=F64))
+            owner.append(s)
+    v, owner = torch.stack(vectors), np.array(owner)
+    rank = np.arange(10)[::-1].copy()
+    clusters = cluster_layer(v, owner, rank, symmetry_of("relu"), 10, 0.5, 30.0, "fc1")
+    assert len(clusters.members) == 5
+    unit = torch.nn.functional.normalize(v, dim=1)
+    found = torch.nn.functional.normalize(
+        torch.stack([(clusters.sign[m, None] * unit[m]).mean(0) for m in clusters.members]), dim=1
+    )
+    assert ((found @ directions.T).abs().max(dim=1).values > 1 - 1e-5).all()
+    assert clusters.table["size"].sum() == len(v)  # nothing vanishes from the table
+    kept = clusters.table[clusters.table.status == "kept"]
+    assert sorted(kept.recovered) == list(range(5))
+    for members, winner in zip(clusters.members, clusters.winner, strict=True):
+        owners = set(owner[members].tolist())
+        assert winner == max(owners)  # the best-ranked owner (rank: 9 best)
+    with pytest.raises(ValueError, match="gamma"):
+        cluster_layer(v, owner, rank, symmetry_of("relu"), 10, 0.1, 30.0, "fc1")
+
+
+def test_constant_inputs_fold_into_the_bias_exactly():
+    chain = Chain(4, (5,), 1, "tanh")
+    params = init_stack(chain, 3, seed=0)
+    x = torch.randn(50, 4, dtype=F64)
+    x[:, 1] = 0.7
+    informative = torch.tensor([True, False, True, True])
+    folded = fold_constant_inputs(chain, params, informative, x)
+    assert (folded["fc1.weight"][:, :, 1] == 0).all()
+    torch.testing.assert_close(forward(chain, folded, x), forward(chain, params, x))
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "softplus"])
+def test_duplicated_scaled_and_flipped_neurons_collapse_exactly(activation):
+    """Students made of the teacher's neurons split into two copies each (rescaled where scaling
+    is a symmetry, sign-flipped at random with the matching outgoing correction) collapse to a
+    3-neuron network with the best student's function, before any finetuning. Odd activations:
+    every student is the teacher; even-linear ones: a flip leaves a linear term (sigma(-z) =
+    sigma(z) - z), which the affine correction must find."""
+    teacher, t_params = make_toy_teacher(
+        ToyTeacher(3, (3,), activation, outputs=2, min_angle=40, seed=5)
+    )
+    t = member(t_params, 0)
+    w, b, a, c = t["fc1.weight"], t["fc1.bias"], t["out.weight"], t["out.bias"]
+    sym = symmetry_of(activation)
+    gen = torch.Generator().manual_seed(1)
+    states = []
+    for _ in range(6):
+        rows, biases, cols, out_bias = [], [], [], c.clone()
+        for j in torch.randperm(3, generator=gen).tolist():
+            for share in (0.3, 0.7):
+                sign = -1.0 if bool(torch.rand(1, generator=gen) < 0.5) else 1.0
+                scale = float(0.5 + torch.rand(1, generator=gen)) if sym.scale else 1.0
+                rows.append(sign * scale * w[j])
+                biases.append(sign * scale * b[j])
+                col = share * a[:, j] / scale
+                if sign < 0 and sym.sign in ("odd", "odd_constant"):
+                    col = -col
+                if sign < 0 and sym.sign == "odd_constant":  # sigmoid(-z) = 1 - sigmoid(z)
+                    out_bias = out_bias + share * a[:, j]
+                cols.append(col)
+        states.append(
+            {
+                "fc1.weight": torch.stack(rows),
+                "fc1.bias": torch.stack(biases),
+                "out.weight": torch.stack(cols, 1),
+                "out.bias": out_bias,
+            }
+        )
+    chain = Chain(3, (6,), 2, activation)
+    params = stack(states)
+    x = torch.randn(400, 3, dtype=F64)
+    outputs = forward(chain, params, x)
+    if sym.sign != "even_linear":
+        for n in range(6):
+            torch.testing.assert_close(outputs[n], probe(teacher, t_params, x), rtol=0, atol=1e-12)
+    data = ProbeData(x, outputs[0], x[:50], outputs[0, :50])
+    result = FitResult(
+        params,
+        torch.linspace(1e-3, 2e-3, 6, dtype=F64),
+        torch.zeros(6, dtype=F64),
+        ["converged"] * 6,
+        0,
+        None,
+    )
+    h = ClusterHparams(final=FitHparams(max_epochs=0), min_nonlinearity=0.0, min_contribution=0.0)
+    rec = reconstruct(chain, result, data, h)
+    assert rec.widths == (3,)
+    assert rec.collapsed_chain.skip == (sym.sign == "even_linear")
+    out = forward(rec.collapsed_chain, rec.before_finetune, x)[0]
+    torch.testing.assert_close(out, data.y, rtol=0, atol=1e-10)

@@ -1,0 +1,159 @@
+"""The workflow end to end: the embedded default config in a fresh copy of the repository."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import yaml
+from conftest import copy_workflow, snakemake
+
+pytestmark = pytest.mark.slow
+
+#: Jobs of the embedded default, by rule (a test fails when the DAG grows unnoticed: the default
+#: must stay small, torch costs ~2 s per job here).
+DEFAULT_JOBS = {
+    # neural mechanics
+    "train_traced": 4,
+    "extract": 4,
+    "cache": 5,
+    # teleportation: the Figure 6 grid in 4 jobs of 8 runs, interpolation, three analyses
+    "train_teleport_sgd_chunk0": 1,
+    "train_teleport_sgd_chunk1": 1,
+    "train_teleport_sgd_chunk2": 1,
+    "train_teleport_sgd_chunk3": 1,
+    "train_teleport_interp_chunk0": 1,
+    "teleport_validation": 1,
+    "teleport_interpolation": 1,
+    "teleport_analysis": 3,
+    # modelsym: two vectorised zoos, one BatchNorm zoo of ordinary runs
+    "zoo_modelsym_mlp_chunk0": 1,
+    "zoo_modelsym_cnn_chunk0": 1,
+    "zoo_select": 2,
+    "features_modelsym_mlp": 1,
+    "features_modelsym_cnn": 1,
+    "features_modelsym_cnn_bn": 1,
+    "alignment": 6,
+    "stitching": 6,
+    "rotation": 1,
+    "modelsym_collect": 2,
+    # weight masks
+    "masks_train": 4,
+    "masks_analyse": 4,
+    "masks_collect": 3,
+    # Expand-and-Cluster and lottery tickets
+    "recovery_expand": 3,
+    "recovery_cluster": 3,
+    "recovery_collect": 3,
+    "prune": 3,
+    "lottery_collect": 1,
+    # plain training runs (masks references, BatchNorm zoo members, the digits teacher)
+    "train": 7,
+    "plot": 23,
+    "all": 1,
+}
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    table = dry_run_output.split("Job stats:")[-1]
+    counts = {}
+    for line in table.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            counts[m.group(1)] = int(m.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The default workflow, run once in a copy; yields (directory, seconds)."""
+    dest = copy_workflow(tmp_path_factory.mktemp("default") / "wf")
+    start = time.perf_counter()
+    snakemake(dest, "--cores", "2", timeout=900)
+    return dest, time.perf_counter() - start
+
+
+def test_dry_run_shows_the_dag_without_running(workflow_copy):
+    out = snakemake(workflow_copy, "-n").stdout
+    assert job_counts(out) == DEFAULT_JOBS
+    assert not (workflow_copy / "results").exists()
+    dag = snakemake(workflow_copy, "--dag").stdout
+    assert "digraph" in dag and "train_traced" in dag
+
+
+def test_default_builds_every_figure_in_under_ten_minutes(finished):
+    wf, seconds = finished
+    assert seconds < 600, f"default workflow took {seconds:.0f} s"
+    config = yaml.safe_load((wf / "config" / "config.yaml").read_text())
+    figures = [f for s in config["studies"].values() for f in s.get("figures", {})]
+    assert figures
+    for fig in figures:
+        assert (wf / "results" / f"{fig}.pdf").stat().st_size > 1000
+        assert (wf / "results" / "figures" / f"{fig}.png").stat().st_size > 1000
+    # nothing left to do
+    assert "Nothing to be done" in snakemake(wf, "-n").stdout
+
+
+def test_editing_one_metric_reruns_only_its_jobs(finished):
+    wf, _ = finished
+    metrics = wf / "src" / "pipeline" / "mechanics" / "metrics.py"
+    source = metrics.read_text()
+    edited = source.replace(
+        "    _require_start(run)\n    return conservation_table(run, rescale_sets(run.structure))",
+        "    _require_start(run)\n    sets = rescale_sets(run.structure)\n"
+        "    return conservation_table(run, sets)",
+    )
+    assert edited != source
+    metrics.write_text(edited)
+    try:
+        out = snakemake(wf, "-n").stdout
+        assert job_counts(out) == {"cache": 1, "plot": 1, "all": 1}
+        assert "results/mechanics/cache/rescale.parquet" in out
+        assert "results/mechanics_rescale.pdf" in out
+    finally:
+        metrics.write_text(source)
+    # a comment-only edit changes nothing
+    metrics.write_text(source.replace("def rescale(", "# just a comment\ndef rescale("))
+    try:
+        assert "Nothing to be done" in snakemake(wf, "-n").stdout
+    finally:
+        metrics.write_text(source)
+
+
+def test_bad_config_fails_before_any_job(workflow_copy):
+    path = workflow_copy / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["studies"]["mechanics"]["train"]["lrr"] = 0.1
+    path.write_text(yaml.safe_dump(config))
+    proc = snakemake(workflow_copy, "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert "studies.mechanics.train.lrr: unknown key; allowed:" in proc.stdout + proc.stderr
+    assert not (workflow_copy / "results").exists()
+
+
+def test_paper_configs_plan_without_data(workflow_copy):
+    """-n, --dag and --rulegraph work on every paper config with no dataset on disk."""
+    papers = sorted((workflow_copy / "config" / "paper").glob("*.yaml"))
+    assert papers
+    for paper in papers:
+        configfile = f"--configfile={paper.relative_to(workflow_copy)}"
+        out = snakemake(workflow_copy, "-n", configfile)
+        assert job_counts(out.stdout).get("all") == 1, paper.name
+        assert "digraph" in snakemake(workflow_copy, "--dag", configfile).stdout
+        assert "digraph" in snakemake(workflow_copy, "--rulegraph", configfile).stdout
+
+
+def test_report_has_every_figure_captioned_by_study_with_config_and_versions(finished):
+    wf, _ = finished
+    snakemake(wf, "--report", "results/report.html")
+    html = (wf / "results" / "report.html").read_text()
+    config = yaml.safe_load((wf / "config" / "config.yaml").read_text())
+    for study, spec in config["studies"].items():
+        assert study in html
+        for fig, fig_spec in spec.get("figures", {}).items():
+            assert f"{fig}.png" in html, fig
+            caption = " ".join(fig_spec["caption"].split()[:4])
+            assert caption in html, caption
+    assert "torch 2." in html and "matplotlib" in html  # package versions
+    assert "studies" in html and "bn_eps" in html  # the configuration

@@ -1,0 +1,6 @@
+"""One table from several (per problem, per run, per strategy) tables."""
+
+from pipeline.recovery.study import collect_tables
+from pipeline.workflow import run_step
+
+run_step(snakemake, collect_tables, list(snakemake.input), snakemake.output[0])

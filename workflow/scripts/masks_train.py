@@ -1,0 +1,17 @@
+"""Every mask stage of one run, the reference first."""
+
+from pathlib import Path
+
+from pipeline.masks.study import train_stages
+from pipeline.workflow import run_step
+
+run_step(
+    snakemake,
+    train_stages,
+    Path(snakemake.input.final).parent,
+    snakemake.params.spec,
+    snakemake.output[0],
+    data_dir=snakemake.params.data_dir,
+    device=snakemake.params.device,
+    threads=snakemake.threads,
+)

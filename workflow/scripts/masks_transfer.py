@@ -1,0 +1,18 @@
+"""Masks over successive input permutations, earlier masks' weights frozen."""
+
+from pathlib import Path
+
+from pipeline.masks.study import run_transfer
+from pipeline.workflow import run_step
+
+study = snakemake.params.study
+run_step(
+    snakemake,
+    run_transfer,
+    study,
+    study["transfer"],
+    Path(snakemake.output.accuracy).parent,
+    data_dir=snakemake.params.data_dir,
+    device=snakemake.params.device,
+    threads=snakemake.threads,
+)

@@ -1,0 +1,20 @@
+"""Cluster: the recovered network of one problem, and its comparison with the teacher."""
+
+from pathlib import Path
+
+from pipeline.recovery.study import run_cluster
+from pipeline.workflow import run_step
+
+run_step(
+    snakemake,
+    run_cluster,
+    Path(snakemake.output.recovery).parent,
+    Path(snakemake.input.students).parent,
+    snakemake.params.probe,
+    snakemake.params.cluster,
+    problem=snakemake.wildcards.problem,
+    device=snakemake.params.device,
+    data_dir=snakemake.params.data_dir,
+    threads=snakemake.threads,
+    tolerance=snakemake.params.tolerance,
+)

@@ -1,0 +1,17 @@
+"""Train one run, or resume it from its newest checkpoint."""
+
+from pathlib import Path
+
+from pipeline.config import resolve_hparams
+from pipeline.runs import train
+from pipeline.workflow import run_step
+
+run_step(
+    snakemake,
+    train,
+    Path(snakemake.output.final).parent,
+    resolve_hparams(snakemake.params.hparams),
+    device=snakemake.params.device,
+    data_dir=snakemake.params.data_dir,
+    threads=snakemake.threads,
+)

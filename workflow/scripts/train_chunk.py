@@ -1,0 +1,15 @@
+"""Train several runs in one job (each resumes from its own checkpoints)."""
+
+from pipeline.config import resolve_hparams
+from pipeline.runs import train_many
+from pipeline.workflow import run_step
+
+run_step(
+    snakemake,
+    train_many,
+    snakemake.params.roots,
+    [resolve_hparams(h) for h in snakemake.params.hparams],
+    device=snakemake.params.device,
+    data_dir=snakemake.params.data_dir,
+    threads=snakemake.threads,
+)

@@ -1,0 +1,8 @@
+"""A zoo member from an ordinary run: its best checkpoint on the validation split."""
+
+from pathlib import Path
+
+from pipeline.workflow import run_step
+from pipeline.zoo.members import select_checkpoint
+
+run_step(snakemake, select_checkpoint, Path(snakemake.input.manifest).parent, snakemake.output[0])

@@ -1,0 +1,17 @@
+"""One vectorised zoo job: a member file per seed."""
+
+from pathlib import Path
+
+from pipeline.workflow import run_step
+from pipeline.zoo.study import train_members
+
+run_step(
+    snakemake,
+    train_members,
+    Path(snakemake.output.summary).parent,
+    snakemake.params.hparams,
+    snakemake.params.seeds,
+    device=snakemake.params.device,
+    data_dir=snakemake.params.data_dir,
+    threads=snakemake.threads,
+)
