@@ -24,9 +24,9 @@ import torch
 from torch.func import functional_call
 
 from pipeline import devices
-from pipeline.masks.batched import model_weights, sampled_outputs
+from pipeline.masks.batched import model_weights, stacked_outputs
 from pipeline.masks.layers import masked_layers, masked_params
-from pipeline.masks.sampling import init_logits, sample_all
+from pipeline.masks.sampling import init_logits, sample_masked_all
 from pipeline.models import build
 from pipeline.train.optim import multi_head_ce
 
@@ -77,15 +77,15 @@ def bench(name, model_name, shape, outputs, heads, options, steps, device):
         return task
 
     def batched():
-        samples = sample_all(logits, K, noise)
-        task = multi_head_ce(sampled_outputs(model, weights, samples, x), y)
+        stacked = sample_masked_all(weights, logits, K, noise)
+        task = multi_head_ce(stacked_outputs(model, weights, stacked, x), y)
         task.backward()
         finish(task)
 
     def sequential(per):
         for k in range(K):
-            sample = sample_all(logits, 1, noise)
-            params = {n: w * sample[n][0] if n in sample else w for n, w in weights.items()}
+            sample = sample_masked_all(weights, logits, 1, noise)
+            params = {n: sample[n][0] if n in sample else w for n, w in weights.items()}
             block = slice(k * per, (k + 1) * per) if per < BATCH else slice(None)
             out = functional_call(model, params, (x[block],))
             (multi_head_ce(out, y[block]) / K).backward()

@@ -18,7 +18,7 @@ from pipeline.data.tasks import IGNORE, addmul_table, double_add_table, pixel_pe
 from pipeline.masks import evaluate, overlap, removal, study
 from pipeline.masks.batched import model_weights, sampled_outputs
 from pipeline.masks.layers import MaskedLayer, masked_layers, masked_params
-from pipeline.masks.sampling import binary, logistic_noise, sample
+from pipeline.masks.sampling import binary, logistic_noise, sample, sample_masked
 from pipeline.masks.train import MaskHparams
 from pipeline.masks.transfer import permuted_transfer
 from pipeline.models import build
@@ -56,6 +56,25 @@ def test_straight_through_gradient_is_that_of_the_soft_sample():
     soft = torch.sigmoid(logits.detach() + noise)
     assert torch.equal(m.detach(), (soft > 0.5).float())
     assert torch.allclose(logits.grad, (soft * (1 - soft)).sum(0), atol=1e-6)
+
+
+def test_fused_masked_sample_equals_weight_times_sample():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(3, 6, 5, generator=gen, dtype=torch.float64)
+    fused = sample_masked(weight, logits, 3, torch.Generator().manual_seed(9))
+    g_fused = torch.autograd.grad((fused * probe).sum(), (weight, logits))
+    plain = weight * sample(logits, 3, torch.Generator().manual_seed(9))
+    g_plain = torch.autograd.grad((plain * probe).sum(), (weight, logits))
+    assert torch.equal(fused.detach(), plain.detach()) and 0 < (fused != 0).sum() < fused.numel()
+    for a, b in zip(g_fused, g_plain, strict=True):
+        assert torch.allclose(a, b, atol=1e-12) and a.abs().sum() > 0
+    weight = weight.detach()
+    # a transposed incoming gradient (what a Linear's batched backward hands back) is the same
+    out = sample_masked(weight, logits, 3, torch.Generator().manual_seed(9))
+    (g_t,) = torch.autograd.grad(out, logits, probe.transpose(1, 2).contiguous().transpose(1, 2))
+    assert torch.allclose(g_t, g_plain[1], atol=1e-12)
 
 
 def test_binary_mask_is_positive_logit():

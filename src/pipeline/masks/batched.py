@@ -36,11 +36,19 @@ def sampled_outputs(
 ) -> torch.Tensor:
     """Outputs ``[B, ...]`` on ``x [B, ...]``: block ``k`` of ``B / K`` examples under mask
     sample ``k`` (``samples[name]: [K, *weights[name].shape]``), in one vmapped call."""
-    k = next(iter(samples.values())).shape[0]
+    return stacked_outputs(model, weights, {n: weights[n] * m for n, m in samples.items()}, x)
+
+
+def stacked_outputs(
+    model, weights: dict[str, torch.Tensor], stacked: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Outputs ``[B, ...]`` on ``x [B, ...]``: block ``k`` of ``B / K`` examples with the
+    parameters ``stacked[name][k]`` (already masked, e.g. by ``sampling.sample_masked_all``)
+    and ``weights`` for every other name, in one vmapped call."""
+    k = next(iter(stacked.values())).shape[0]
     if x.shape[0] % k:
         raise ValueError(f"batch of {x.shape[0]} examples does not split into {k} mask samples")
-    shared = {n: w for n, w in weights.items() if n not in samples}
-    stacked = {n: weights[n] * m for n, m in samples.items()}
+    shared = {n: w for n, w in weights.items() if n not in stacked}
     blocks = x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
     def one(params, xs):

@@ -26,31 +26,58 @@ def logistic_noise(shape, generator: torch.Generator, like: torch.Tensor) -> tor
     return u.clamp_min_(TINY).logit_()
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: ``1[soft > 1/2]``; backward: the gradient passes to ``soft`` unchanged."""
+class _MaskedSample(torch.autograd.Function):
+    """``W * m_k`` for ``k`` hard samples ``m_k = 1[l + e_k > 0]``, straight-through to ``l``.
+
+    Forward: ``z = l + e`` (``[k, *l.shape]``), output ``where(z > 0, W, 0)``. Backward: the
+    gradient the soft sample ``s = sigmoid(z)`` would get, ``dL/dl = W * sum_k G_k s_k (1 - s_k)``
+    with ``G = dL/d(W m)``, and ``dL/dW = sum_k G_k m_k`` where the weights train too. One fused function instead of sample, cast and multiply keeps the
+    elementwise work (which dominates mask training on large layers) to a few passes over
+    ``[k, *l.shape]``, and contiguous whatever layout the layer's backward hands back.
+    """
 
     @staticmethod
-    def forward(soft):
-        return (soft > 0.5).to(soft.dtype)
+    def forward(weight, logits, k, generator):
+        z = logistic_noise((k, *logits.shape), generator, logits).add_(logits)
+        return torch.where(z > 0, weight, torch.zeros((), dtype=weight.dtype)), z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad
+    def backward(ctx, grad, _):
+        weight, z = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_weight = grad_logits = None
+        if ctx.needs_input_grad[0]:  # weights trained with the mask (permuted transfer)
+            grad_weight = torch.where(z > 0, grad, torch.zeros((), dtype=grad.dtype)).sum(0)
+        if ctx.needs_input_grad[1]:
+            per_sample = torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(z))
+            grad_logits = per_sample.sum(0).mul_(weight)
+        return grad_weight, grad_logits, None, None
+
+
+def sample_masked(
+    weight: torch.Tensor, logits: torch.Tensor, k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``k`` masked copies ``[k, *weight.shape]`` of ``weight``, ``W * m_k`` with hard samples
+    ``m_k`` of ``logits`` (gradient to ``logits`` straight through ``sigmoid(logits + noise)``)."""
+    return _MaskedSample.apply(weight, logits, k, generator)[0]
 
 
 def sample(logits: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """``k`` hard masks ``[k, *logits.shape]`` (values 0/1) carrying the straight-through
     gradient of ``sigmoid(logits + noise)``."""
-    soft = torch.sigmoid(logits + logistic_noise((k, *logits.shape), generator, logits))
-    return _StraightThrough.apply(soft)
+    return sample_masked(torch.ones((), dtype=logits.dtype).expand_as(logits), logits, k, generator)
 
 
-def sample_all(logits: dict[str, torch.Tensor], k: int, generator) -> dict[str, torch.Tensor]:
-    return {n: sample(l, k, generator) for n, l in logits.items()}
+def sample_masked_all(
+    weights: dict[str, torch.Tensor], logits: dict[str, torch.Tensor], k: int, generator
+) -> dict[str, torch.Tensor]:
+    """:func:`sample_masked` for every masked name: the K masked parameter sets, stacked."""
+    return {n: sample_masked(weights[n], l, k, generator) for n, l in logits.items()}
 
 
 def binary(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline import seeding
-from pipeline.masks.batched import model_weights, sampled_outputs
-from pipeline.masks.sampling import init_logits, sample_all
+from pipeline.masks.batched import model_weights, stacked_outputs
+from pipeline.masks.sampling import init_logits, sample_masked_all
 from pipeline.masks.views import View
 from pipeline.train.optim import multi_head_ce
 
@@ -80,8 +80,8 @@ def mask_step(
     if h.warmup:
         for group in opt.param_groups:
             group["lr"] = h.lr * min(1.0, step / h.warmup)
-    samples = sample_all(logits, h.samples, noise)
-    task = multi_head_ce(sampled_outputs(model, weights, samples, x), y)
+    stacked = sample_masked_all(weights, logits, h.samples, noise)
+    task = multi_head_ce(stacked_outputs(model, weights, stacked, x), y)
     reg = sum(l.sum() for l in logits.values()) * (h.alpha / h.batch_size)
     opt.zero_grad(set_to_none=True)
     (task + reg).backward()
