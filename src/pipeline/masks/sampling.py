@@ -31,15 +31,22 @@ class _MaskedSample(torch.autograd.Function):
 
     Forward: ``z = l + e`` (``[k, *l.shape]``), output ``where(z > 0, W, 0)``. Backward: the
     gradient the soft sample ``s = sigmoid(z)`` would get, ``dL/dl = W * sum_k G_k s_k (1 - s_k)``
-    with ``G = dL/d(W m)``, and ``dL/dW = sum_k G_k m_k`` where the weights train too. One fused function instead of sample, cast and multiply keeps the
-    elementwise work (which dominates mask training on large layers) to a few passes over
-    ``[k, *l.shape]``, and contiguous whatever layout the layer's backward hands back.
+    with ``G = dL/d(W m)``, and ``dL/dW = sum_k G_k m_k`` where the weights train too.
+
+    One function instead of sample, cast and multiply keeps the elementwise work (which
+    dominates mask training on large layers) to a few passes over ``[k, *l.shape]``, each
+    contiguous whatever layout the layer's backward hands back.
     """
 
     @staticmethod
     def forward(weight, logits, k, generator):
-        z = logistic_noise((k, *logits.shape), generator, logits).add_(logits)
-        return torch.where(z > 0, weight, torch.zeros((), dtype=weight.dtype)), z
+        z = torch.empty((k, *logits.shape), dtype=logits.dtype, device=logits.device)
+        out = torch.empty_like(z)
+        zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
+        for j in range(k):  # one sample at a time: its buffers stay in cache across the passes
+            z[j].uniform_(generator=generator).clamp_min_(TINY).logit_().add_(logits)
+            torch.where(z[j] > 0, weight, zero, out=out[j])
+        return out, z
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -49,14 +56,21 @@ class _MaskedSample(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         weight, z = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_weight = grad_logits = None
-        if ctx.needs_input_grad[0]:  # weights trained with the mask (permuted transfer)
-            grad_weight = torch.where(z > 0, grad, torch.zeros((), dtype=grad.dtype)).sum(0)
-        if ctx.needs_input_grad[1]:
-            per_sample = torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(z))
-            grad_logits = per_sample.sum(0).mul_(weight)
-        return grad_weight, grad_logits, None, None
+        want_weight, want_logits = ctx.needs_input_grad[:2]
+        acc_weight = torch.zeros_like(z[0]) if want_weight else None
+        acc_logits = torch.zeros_like(z[0]) if want_logits else None
+        scratch = torch.empty_like(z[0])
+        for j in range(len(z)):
+            g = grad[j]
+            if want_weight:  # weights trained with the mask (permuted transfer)
+                acc_weight.add_(torch.where(z[j] > 0, g, torch.zeros((), dtype=g.dtype)))
+            if want_logits:
+                torch.sigmoid(z[j], out=scratch)
+                torch.ops.aten.sigmoid_backward.grad_input(g, scratch, grad_input=scratch)
+                acc_logits.add_(scratch)
+        if want_logits:
+            acc_logits.mul_(weight)
+        return acc_weight, acc_logits, None, None
 
 
 def sample_masked(
