@@ -330,3 +330,38 @@ def test_duplicated_scaled_and_flipped_neurons_collapse_exactly(activation):
     assert rec.collapsed_chain.skip == (sym.sign == "even_linear")
     out = forward(rec.collapsed_chain, rec.before_finetune, x)[0]
     torch.testing.assert_close(out, data.y, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("extra,seed", [(10, 4), (15, 5), (20, 3)])
+def test_leftover_neurons_do_not_set_the_cut(extra, seed):
+    """Ten students each hold the five planted directions (rescaled, 1e-3 noise) and ``extra``
+    random leftover neurons. Counting every big cluster, loose unions of leftovers high in the
+    tree outnumber the planted ones and the cut merges planted neurons away; counting only
+    clusters formed below the spread limit (``tight_count``) recovers all five."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(5, 6, generator=gen, dtype=F64), dim=1)
+    vectors, owner = [], []
+    for s in range(10):
+        for j in range(5):
+            scale = 0.5 + torch.rand(1, generator=gen, dtype=F64)
+            noise = 1e-3 * torch.randn(6, generator=gen, dtype=F64)
+            vectors.append(scale * (directions[j] + noise))
+            owner.append(s)
+        for _ in range(extra):
+            vectors.append(torch.randn(6, generator=gen, dtype=F64))
+            owner.append(s)
+    v, owner, rank = torch.stack(vectors), np.array(owner), np.arange(10)
+
+    def found(tight):
+        return cluster_layer(
+            v, owner, rank, symmetry_of("relu"), 10, 0.5, 30.0, "fc1", tight_count=tight
+        )
+
+    assert len(found(False).members) < 5
+    clusters = found(True)
+    assert len(clusters.members) == 5
+    unit = torch.nn.functional.normalize(v, dim=1)
+    centres = torch.stack([(clusters.sign[m, None] * unit[m]).mean(0) for m in clusters.members])
+    cos = torch.nn.functional.normalize(centres, dim=1) @ directions.T
+    assert (cos.abs().max(dim=1).values > 1 - 1e-5).all()
+    assert sorted(cos.abs().argmax(dim=1).tolist()) == list(range(5))

@@ -20,7 +20,11 @@ students' neurons pooled, ``M = N x width``) and ``a_i`` its outgoing vector:
    height (the most stable partition; the published code takes the highest cut of the run,
    ``cut: highest``, where stray neurons join the big clusters and spoil them). Support:
    distinct students among the members by default (a neuron and its duplicates in one student
-   are one observation; the published code counts members, ``support: members``).
+   are one observation; the published code counts members, ``support: members``). Where the
+   vectors are unit (a scale symmetry), a cluster counts only if it formed below the spread
+   limit's height (``tight_count``): with 4x wider students most neurons are leftovers (linear
+   terms, dead units), and high in the tree their loose unions gain enough students to
+   outnumber the real neurons, which would set the cut there and merge real neurons away.
 4. *Filters*: keep clusters of support ``>= s``; drop those whose median pairwise cosine
    distance (``1 - |cos|`` with a sign symmetry, else ``1 - cos``) exceeds ``1 - cos(beta)``;
    merge kept clusters whose mean directions are within ``merge_angle`` (fragments of one
@@ -82,6 +86,7 @@ class ClusterHparams:
     support: str = "students"  # students (distinct owners) | members (the published count)
     cut: str = "gap"  # gap (most stable cut of the best run) | highest (the published rule)
     merge_angle: float = 2.0  # degrees: kept clusters closer than this are one neuron
+    tight_count: bool = True  # the cut counts only clusters formed below beta (False: published)
     min_nonlinearity: float = 0.02  # drop neurons this close to linear (x a unit neuron's)
     min_contribution: float = 0.01  # after finetuning, drop neurons below this x the largest
     prune_rounds: int = 3  # rounds of dropping unneeded neurons and finetuning again
@@ -153,10 +158,19 @@ def cosine_distances(u: torch.Tensor, w: torch.Tensor, sign_invariant: bool) -> 
 
 
 def cut(
-    link: np.ndarray, min_support: int, owner: np.ndarray | None = None, rule: str = "gap"
+    link: np.ndarray,
+    min_support: int,
+    owner: np.ndarray | None = None,
+    rule: str = "gap",
+    max_height: float | None = None,
 ) -> tuple[np.ndarray, float, int]:
     """Flat cluster labels (1-based) where the number of clusters with support ``>=
     min_support`` is largest: ``(labels, height, count)``; see the module docstring (step 3).
+
+    ``max_height``: a cluster formed by a merge above it does not count (average linkage: its
+    members' mean pairwise distance is at most its merge height, so one formed below a height
+    that stands for the spread limit is tight enough to be kept; loose unions of leftover
+    neurons, which can outnumber the real neurons high up the tree, no longer set the cut).
 
     Support is the number of members, or with ``owner`` (the student of every leaf) the number
     of distinct students among the members (several copies of a neuron inside one student are
@@ -177,6 +191,8 @@ def cut(
             sets.append(sets[a[i]] | sets[b[i]])
         support = np.fromiter((s.bit_count() for s in sets), dtype=np.int64, count=2 * m - 1)
     big = support >= min_support
+    if max_height is not None:
+        big[m:] &= link[:, 2] <= max_height
     delta = big[m:].astype(np.int64) - big[a] - big[b]
     count = np.cumsum(delta)
     heights = link[:, 2]
@@ -225,13 +241,15 @@ def cluster_layer(
     support: str = "students",
     rule: str = "gap",
     merge_angle: float = 2.0,
+    tight_count: bool = True,
 ) -> LayerClusters:
     """Cluster pooled incoming vectors ``v [M, k]`` (``owner[i]``: student of neuron i; ``rank``:
     students best first). ``support``: a cluster is big when it holds ``floor(gamma N)``
     distinct ``students`` or ``members``. Kept clusters whose mean directions are within
     ``merge_angle`` degrees are fragments of one neuron (students that hold two slightly
     different copies of it can make each fragment big): they are merged, the absorbed ones
-    reported as ``merged``."""
+    reported as ``merged``. ``tight_count``: where vectors are unit (a scale symmetry), count
+    only clusters formed below the spread limit ``beta`` when choosing the cut."""
     if support not in ("students", "members"):
         raise ValueError(f"cluster.support: {support!r} not allowed; allowed: students, members")
     min_size = math.floor(gamma * n_students)
@@ -244,9 +262,13 @@ def cluster_layer(
     if len(u) < 2:
         raise ValueError(f"layer {layer}: fewer than two neurons to cluster")
     link = linkage(condensed_distances(u.cpu().numpy(), symmetry.sign_invariant), "average")
-    labels, height, _ = cut(link, min_size, owner if support == "students" else None, rule)
-    position = {int(s): p for p, s in enumerate(rank)}
     limit = 1 - math.cos(math.radians(beta))
+    # unit vectors (scale symmetry): chord 2 sin(beta / 2) is the spread limit's height
+    tight = 2 * math.sin(math.radians(beta) / 2) if symmetry.scale and tight_count else None
+    labels, height, _ = cut(
+        link, min_size, owner if support == "students" else None, rule, max_height=tight
+    )
+    position = {int(s): p for p, s in enumerate(rank)}
     rows, kept = [], []
     order = np.argsort(labels, kind="stable")
     for idx in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):

@@ -250,6 +250,7 @@ def reconstruct(
             h.support,
             h.cut,
             h.merge_angle,
+            h.tight_count,
         )
         if linear_below and clusters.members:
             _, _, centres = merged_outgoing(chain, params, layer, clusters, symmetry)
