@@ -22,7 +22,7 @@ from pipeline.recovery.cluster import (
     cut,
     symmetry_of,
 )
-from pipeline.recovery.collapse import fold_constant_inputs, reconstruct
+from pipeline.recovery.collapse import fold_constant_inputs, merge_twins, reconstruct
 from pipeline.recovery.students import FitHparams, FitResult, StackedPlateau, fit
 from pipeline.recovery.teachers import ProbeData, ToyTeacher, make_toy_teacher, probe
 
@@ -365,3 +365,39 @@ def test_leftover_neurons_do_not_set_the_cut(extra, seed):
     cos = torch.nn.functional.normalize(centres, dim=1) @ directions.T
     assert (cos.abs().max(dim=1).values > 1 - 1e-5).all()
     assert sorted(cos.abs().argmax(dim=1).tolist()) == list(range(5))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+def test_twin_neurons_fold_into_one_exactly(activation):
+    """A finetuned reconstruction holding one teacher neuron twice (rescaled where scaling is a
+    symmetry, sign-flipped where a flip is exact up to a constant) folds back into the teacher's
+    width with the same function; distinct neurons are left alone."""
+    teacher, t_params = make_toy_teacher(
+        ToyTeacher(4, (3,), activation, outputs=2, min_angle=40, seed=2)
+    )
+    t = member(t_params, 0)
+    sym = symmetry_of(activation)
+    factor = 1.7 if sym.scale else 1.0
+    sign = -1.0 if sym.sign in ("odd", "odd_constant") else 1.0
+    twin = {
+        "fc1.weight": torch.cat([t["fc1.weight"], sign * factor * t["fc1.weight"][1:2]]),
+        "fc1.bias": torch.cat([t["fc1.bias"], sign * factor * t["fc1.bias"][1:2]]),
+        "out.weight": torch.cat([t["out.weight"], torch.zeros(2, 1, dtype=F64)], 1),
+        "out.bias": t["out.bias"].clone(),
+    }
+    share = 0.4 * twin["out.weight"][:, 1]
+    twin["out.weight"][:, 1] -= share  # the copy carries 40% of the neuron's outgoing weight
+    twin["out.weight"][:, 3] = sign * share / factor
+    if sign < 0 and sym.sign == "odd_constant":  # sigmoid(-z) = 1 - sigmoid(z)
+        twin["out.bias"] = twin["out.bias"] - sign * share
+    chain, params = Chain(4, (4,), 2, activation), stack([twin])
+    x = torch.randn(300, 4, dtype=F64)
+    torch.testing.assert_close(
+        forward(chain, params, x)[0], probe(teacher, t_params, x), rtol=0, atol=1e-12
+    )
+    merged_chain, merged, drop = merge_twins(chain, params, sym, tol=1e-6)
+    assert merged_chain.widths == (3,) and drop[0].tolist() == [False, False, False, True]
+    torch.testing.assert_close(
+        forward(merged_chain, merged, x)[0], probe(teacher, t_params, x), rtol=0, atol=1e-12
+    )
+    assert merge_twins(teacher, t_params, sym, tol=0.1) is None

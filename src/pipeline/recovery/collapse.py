@@ -278,6 +278,14 @@ def reconstruct(
     collapsed, before = net_chain, {k: v.clone() for k, v in net.items()}
     final = fit(net_chain, net, data, h.final, seed, tag="final")
     table = pd.concat(tables, ignore_index=True)
+    twins = merge_twins(
+        net_chain, final.params, symmetry, 2 * math.sin(math.radians(h.merge_angle) / 2)
+    )
+    if twins is not None:
+        refit = fit(twins[0], twins[1], data, h.final, seed, tag="final-merged")
+        if float(refit.train_loss[0]) <= h.redundant_factor * float(final.train_loss[0]):
+            _mark_weak(table, net_chain, twins[2], "merged")
+            net_chain, final = twins[0], refit
     for _ in range(h.prune_rounds):
         weak = weak_neurons(
             net_chain, final.params, data.x[:8192], h.min_contribution, linear_below
@@ -356,6 +364,70 @@ def drop_neurons(chain: Chain, params: dict, drop: list[torch.Tensor], x: torch.
         params[f"{nxt}.weight"] = w_next[:, :, keep]
         widths[layer] = int(keep.sum())
     return chain.with_widths(widths), params
+
+
+def twin_neurons(chain: Chain, params: dict, symmetry: Symmetry, tol: float):
+    """Pairs of neurons of one hidden layer (network 0) pointing the same way up to the
+    activation's symmetry: ``(layer, keep, drop, factor, sign)`` with ``v_drop ~ factor * sign
+    * v_keep``, directions within ``tol`` (chord of unit vectors); sign flips only where they
+    are exact up to a constant (odd, odd-constant). A finetune can split one teacher neuron into
+    two such copies sharing its outgoing weight (a saddle of the loss, not its minimum)."""
+    pairs = []
+    for layer in range(chain.depth):
+        v = incoming(chain, params, layer)[0]
+        norm = v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+        unit = v / norm[:, None]
+        cos = unit @ unit.T
+        flips = symmetry.sign in ("odd", "odd_constant")
+        close = (2 - 2 * (cos.abs() if flips else cos)).clamp_min(0).sqrt() < tol
+        taken: set[int] = set()
+        for i, j in torch.nonzero(torch.triu(close, 1)).tolist():
+            if i in taken or j in taken:
+                continue
+            taken.update((i, j))
+            sign = 1.0 if cos[i, j] >= 0 else -1.0
+            factor = float(norm[j] / norm[i]) if symmetry.scale else 1.0
+            pairs.append((layer, i, j, factor, sign))
+    return pairs
+
+
+def merge_twins(chain: Chain, params: dict, symmetry: Symmetry, tol: float):
+    """Fold every :func:`twin_neurons` pair into one neuron: ``a_keep += factor * sign *
+    a_drop`` (``sigma(c v) = c sigma(v)`` for a scale symmetry, ``sigma(-z) = -sigma(z)`` for odd
+    ones; a flipped sigmoid adds ``a_drop`` to the next bias, ``sigmoid(-z) = 1 -
+    sigmoid(z)``). Without a scale symmetry the two may differ in norm: the kept neuron takes
+    their mean ``(v_keep + sign v_drop) / 2`` (exact for equal copies; the refit that follows
+    decides). Returns ``(chain, params, drop masks)``, or ``None`` when there is no pair."""
+    pairs = twin_neurons(chain, params, symmetry, tol)
+    if not pairs:
+        return None
+    params = dict(params)
+    drop = [torch.zeros(w, dtype=torch.bool) for w in chain.widths]
+    for layer, keep, gone, factor, sign in pairs:
+        nxt = chain.layers[layer + 1]
+        w = params[f"{nxt}.weight"].clone()
+        w[:, :, keep] += factor * sign * w[:, :, gone]
+        if symmetry.sign == "odd_constant" and sign < 0 and chain.bias:
+            params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + params[f"{nxt}.weight"][:, :, gone]
+        w[:, :, gone] = 0.0
+        params[f"{nxt}.weight"] = w
+        if not symmetry.scale:
+            name = chain.layers[layer]
+            for part in ("weight", "bias") if chain.bias else ("weight",):
+                t = params[f"{name}.{part}"].clone()
+                t[:, keep] = (t[:, keep] + sign * t[:, gone]) / 2
+                params[f"{name}.{part}"] = t
+        drop[layer][gone] = True
+    widths, out = list(chain.widths), dict(params)
+    for layer, mask in enumerate(drop):
+        keep = ~mask
+        name, nxt = chain.layers[layer], chain.layers[layer + 1]
+        out[f"{name}.weight"] = out[f"{name}.weight"][:, keep]
+        if chain.bias:
+            out[f"{name}.bias"] = out[f"{name}.bias"][:, keep]
+        out[f"{nxt}.weight"] = out[f"{nxt}.weight"][:, :, keep]
+        widths[layer] = int(keep.sum())
+    return chain.with_widths(widths), out, drop
 
 
 def prune_redundant(
