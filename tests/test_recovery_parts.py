@@ -401,3 +401,35 @@ def test_twin_neurons_fold_into_one_exactly(activation):
         forward(merged_chain, merged, x)[0], probe(teacher, t_params, x), rtol=0, atol=1e-12
     )
     assert merge_twins(teacher, t_params, sym, tol=0.1) is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_count_spike_of_fragments_does_not_set_the_cut(seed):
+    """Every student holds five directions: the first as two fragments 0.006 apart, the fourth
+    with loose copies (noise 1e-2), the rest tight (1e-4). Low in the tree the fragments are two
+    big clusters while the loose copies are not one yet: the count's first maximum is that spike,
+    and the published rule loses the loose neuron (the fragments are merged back after). The
+    longest run of the count below the spread limit has all five."""
+    gen = torch.Generator().manual_seed(seed)
+    d = torch.nn.functional.normalize(torch.randn(5, 6, generator=gen, dtype=F64), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(6, generator=gen, dtype=F64), dim=0)
+    vectors, owner = [], []
+    for s in range(10):
+        for j in range(5):
+            noise = (1e-2 if j == 3 else 1e-4) * torch.randn(6, generator=gen, dtype=F64)
+            for fragment in (0.003, -0.003) if j == 0 else (0.0,):
+                vectors.append(d[j] + fragment * p + noise)
+                owner.append(s)
+    v, owner = torch.stack(vectors), np.array(owner)
+
+    def found(tight):
+        return cluster_layer(
+            v, owner, np.arange(10), symmetry_of("relu"), 10, 0.5, 30.0, "fc1", tight_count=tight
+        )
+
+    assert len(found(False).members) == 4
+    clusters = found(True)
+    centres = torch.stack([v[m].mean(0) for m in clusters.members])
+    cos = torch.nn.functional.normalize(centres, dim=1) @ d.T
+    assert sorted(cos.argmax(dim=1).tolist()) == list(range(5))
+    assert (cos.max(dim=1).values > 1 - 1e-3).all()

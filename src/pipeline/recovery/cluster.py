@@ -24,7 +24,9 @@ students' neurons pooled, ``M = N x width``) and ``a_i`` its outgoing vector:
    vectors are unit (a scale symmetry), a cluster counts only if it formed below the spread
    limit's height (``tight_count``): with 4x wider students most neurons are leftovers (linear
    terms, dead units), and high in the tree their loose unions gain enough students to
-   outnumber the real neurons, which would set the cut there and merge real neurons away.
+   outnumber the real neurons, which would set the cut there and merge real neurons away; and
+   the cut is made in the run of that count which holds longest below the limit (a short spike
+   low in the tree, with a neuron still in two fragments, no longer wins).
 4. *Filters*: keep clusters of support ``>= s``; drop those whose median pairwise cosine
    distance (``1 - |cos|`` with a sign symmetry, else ``1 - cos``) exceeds ``1 - cos(beta)``;
    merge kept clusters whose mean directions are within ``merge_angle`` (fragments of one
@@ -163,6 +165,7 @@ def cut(
     owner: np.ndarray | None = None,
     rule: str = "gap",
     max_height: float | None = None,
+    run: str = "max",
 ) -> tuple[np.ndarray, float, int]:
     """Flat cluster labels (1-based) where the number of clusters with support ``>=
     min_support`` is largest: ``(labels, height, count)``; see the module docstring (step 3).
@@ -171,6 +174,11 @@ def cut(
     members' mean pairwise distance is at most its merge height, so one formed below a height
     that stands for the spread limit is tight enough to be kept; loose unions of leftover
     neurons, which can outnumber the real neurons high up the tree, no longer set the cut).
+    ``run``: ``max``, the first run of cuts attaining the largest count (the published rule), or
+    ``stable`` (needs ``max_height``), the run of a nonzero count that holds over the longest
+    stretch of merge height up to ``max_height``: a spike of the count low in the tree (one
+    neuron still in two fragments while another's looser copies have not joined yet) loses to
+    the plateau where every neuron is one cluster.
 
     Support is the number of members, or with ``owner`` (the student of every leaf) the number
     of distinct students among the members (several copies of a neuron inside one student are
@@ -202,6 +210,17 @@ def cut(
     first = int(np.argmax(at_ends == best))
     below = np.flatnonzero(at_ends[first:] < best)
     last = first + (int(below[0]) - 1 if len(below) else len(at_ends) - 1 - first)
+    if run == "stable" and max_height is not None:
+        h_end = np.minimum(heights[ends], max_height)
+        span = np.append(h_end[1:], max_height) - h_end
+        starts = np.append(0, np.flatnonzero(np.diff(at_ends)) + 1)
+        stops = np.append(starts[1:], len(at_ends))
+        runs = [(span[a:b].sum(), at_ends[a], a, b - 1) for a, b in zip(starts, stops, strict=True)]
+        runs = [r for r in runs if r[1] > 0]
+        if runs:
+            _, best, first, last = max(runs)
+    elif run != "max":
+        raise ValueError(f"cut run: {run!r} not allowed; allowed: max, stable")
     if rule == "highest":
         chosen = last
     else:
@@ -249,7 +268,8 @@ def cluster_layer(
     ``merge_angle`` degrees are fragments of one neuron (students that hold two slightly
     different copies of it can make each fragment big): they are merged, the absorbed ones
     reported as ``merged``. ``tight_count``: where vectors are unit (a scale symmetry), count
-    only clusters formed below the spread limit ``beta`` when choosing the cut."""
+    only clusters formed below the spread limit ``beta`` and cut in the most stable run of
+    that count (:func:`cut`, ``run="stable"``)."""
     if support not in ("students", "members"):
         raise ValueError(f"cluster.support: {support!r} not allowed; allowed: students, members")
     min_size = math.floor(gamma * n_students)
@@ -266,7 +286,12 @@ def cluster_layer(
     # unit vectors (scale symmetry): chord 2 sin(beta / 2) is the spread limit's height
     tight = 2 * math.sin(math.radians(beta) / 2) if symmetry.scale and tight_count else None
     labels, height, _ = cut(
-        link, min_size, owner if support == "students" else None, rule, max_height=tight
+        link,
+        min_size,
+        owner if support == "students" else None,
+        rule,
+        max_height=tight,
+        run="stable" if tight is not None else "max",
     )
     position = {int(s): p for p, s in enumerate(rank)}
     rows, kept = [], []
