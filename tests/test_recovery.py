@@ -4,6 +4,8 @@ teacher's own symmetry group applied before probing changes nothing up to that g
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -32,16 +34,8 @@ STUDENTS = ExpandHparams(
 )
 CLUSTER = ClusterHparams(
     # hidden layers below the last: the students, with the recovered neurons in, are refitted
-    # full batch before the next layer is read from them
-    finetune=FitHparams(
-        lr=1e-3,
-        batch_size=0,
-        max_epochs=1500,
-        plateau_patience=50,
-        plateau_cooldown=50,
-        min_lr=1e-6,
-        log_every=500,
-    ),
+    # full batch (at a tenth of the students' rate) before the next layer is read from them
+    finetune=replace(STUDENTS.fit, lr=1e-3, max_epochs=1500),
     final=FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=60, log_every=10),
 )
 # (teacher, probe points): the deep teacher's gain 2 keeps its second layer off tanh's linear
