@@ -23,7 +23,7 @@ class ArtifactError(RuntimeError):
 def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    The temporary is hidden (``.name.XXXX<suffix>``, suffix ``.tmp`` by default) so a write
+    The temporary is hidden (``.name.<random><suffix>``, suffix ``.tmp`` by default) so a write
     killed half-way leaves no file that globs for finished artifacts (``*.npz``) pick up.
     """
     path = Path(path)

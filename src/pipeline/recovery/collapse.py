@@ -26,13 +26,15 @@ identifiable as neurons.
    of the residual on a constant) or, for even-linear activations, an affine correction ``y ~
    f(x) + S x + s`` (least squares, then trained along): the linear terms of flipped neurons.
 
-Finally the network is finetuned. Neurons it then does not need are dropped and it is
-finetuned again: those with a contribution ``std(sigma(z)) |a|`` below ``min_contribution`` x
-their layer's largest or linear on the data (``dropped_weak``, ``prune_rounds`` times at most),
-then, one by one and weakest first, those whose removal the refit does not notice (within
-``redundant_factor`` of the loss before any removal, and only if the network fits the data
-about as well as the best student; ``dropped_redundant``): the teacher is the smallest network
-with its function.
+Finally the network is finetuned. Twin neurons (one teacher neuron that the fit split into two
+copies pointing the same way, within ``merge_angle``) are folded into one and the network
+refitted (``merged``, kept if the refit stays within ``redundant_factor``). Neurons it then
+does not need are dropped and it is finetuned again: those with a contribution
+``std(sigma(z)) |a|`` below ``min_contribution`` x their layer's largest or linear on the data
+(``dropped_weak``, ``prune_rounds`` times at most), then, one by one and weakest first, those
+whose removal the refit does not notice (within ``redundant_factor`` of the loss before any
+removal, and only if the network fits the data about as well as the best student;
+``dropped_redundant``): the teacher is the smallest network with its function.
 """
 
 from __future__ import annotations
