@@ -26,7 +26,7 @@ default: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slurm and not xla" -q
+	$(BIN)/python -m pytest -m "not slurm and not xla" -q --durations=15
 
 # A real single-node SLURM cluster (installs Debian's slurm packages; needs root), the tiny config
 # through the SLURM executor, compared with a local run; stops the daemons it started.
