@@ -159,6 +159,11 @@ def cosine_distances(u: torch.Tensor, w: torch.Tensor, sign_invariant: bool) -> 
     return (1 - (cos.abs() if sign_invariant else cos)).clamp_min(0.0)
 
 
+def chord(degrees: float) -> float:
+    """Distance ``|u - u'| = 2 sin(angle / 2)`` of two unit vectors ``degrees`` apart."""
+    return 2 * math.sin(math.radians(degrees) / 2)
+
+
 def cut(
     link: np.ndarray,
     min_support: int,
@@ -283,8 +288,8 @@ def cluster_layer(
         raise ValueError(f"layer {layer}: fewer than two neurons to cluster")
     link = linkage(condensed_distances(u.cpu().numpy(), symmetry.sign_invariant), "average")
     limit = 1 - math.cos(math.radians(beta))
-    # unit vectors (scale symmetry): chord 2 sin(beta / 2) is the spread limit's height
-    tight = 2 * math.sin(math.radians(beta) / 2) if symmetry.scale and tight_count else None
+    # unit vectors (scale symmetry): the chord of beta is the spread limit's height
+    tight = chord(beta) if symmetry.scale and tight_count else None
     labels, height, _ = cut(
         link,
         min_size,

@@ -52,6 +52,7 @@ from pipeline.recovery.cluster import (
     LayerClusters,
     Symmetry,
     canonical,
+    chord,
     cluster_layer,
     symmetry_of,
 )
@@ -280,9 +281,7 @@ def reconstruct(
     collapsed, before = net_chain, {k: v.clone() for k, v in net.items()}
     final = fit(net_chain, net, data, h.final, seed, tag="final")
     table = pd.concat(tables, ignore_index=True)
-    twins = merge_twins(
-        net_chain, final.params, symmetry, 2 * math.sin(math.radians(h.merge_angle) / 2)
-    )
+    twins = merge_twins(net_chain, final.params, symmetry, chord(h.merge_angle))
     if twins is not None:
         refit = fit(twins[0], twins[1], data, h.final, seed, tag="final-merged")
         if float(refit.train_loss[0]) <= h.redundant_factor * float(final.train_loss[0]):
@@ -351,19 +350,28 @@ def weak_neurons(
 def drop_neurons(chain: Chain, params: dict, drop: list[torch.Tensor], x: torch.Tensor):
     """The network without the ``drop`` neurons; each one's mean output moves into the next
     layer's bias (its constant part), the rest of its (small) contribution is lost."""
-    hidden = _hidden(chain, params, x)
+    if chain.bias:
+        hidden = _hidden(chain, params, x)
+        params = dict(params)
+        for layer, mask in enumerate(drop):
+            nxt = chain.layers[layer + 1]
+            mean = hidden[layer].mean(0)[mask]
+            shift = params[f"{nxt}.weight"][0][:, mask] @ mean
+            params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + shift[None]
+    return _without(chain, params, drop)
+
+
+def _without(chain: Chain, params: dict, drop: list[torch.Tensor]):
+    """The network with the ``drop`` neurons' rows, biases and outgoing columns cut out."""
     params = dict(params)
     widths = list(chain.widths)
     for layer, mask in enumerate(drop):
         keep = ~mask
         name, nxt = chain.layers[layer], chain.layers[layer + 1]
-        w_next = params[f"{nxt}.weight"]
-        if chain.bias:
-            mean = hidden[layer].mean(0)[mask]
-            params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + (w_next[0][:, mask] @ mean)[None]
-            params[f"{name}.bias"] = params[f"{name}.bias"][:, keep]
         params[f"{name}.weight"] = params[f"{name}.weight"][:, keep]
-        params[f"{nxt}.weight"] = w_next[:, :, keep]
+        if chain.bias:
+            params[f"{name}.bias"] = params[f"{name}.bias"][:, keep]
+        params[f"{nxt}.weight"] = params[f"{nxt}.weight"][:, :, keep]
         widths[layer] = int(keep.sum())
     return chain.with_widths(widths), params
 
@@ -420,16 +428,7 @@ def merge_twins(chain: Chain, params: dict, symmetry: Symmetry, tol: float):
                 t[:, keep] = (t[:, keep] + sign * t[:, gone]) / 2
                 params[f"{name}.{part}"] = t
         drop[layer][gone] = True
-    widths, out = list(chain.widths), dict(params)
-    for layer, mask in enumerate(drop):
-        keep = ~mask
-        name, nxt = chain.layers[layer], chain.layers[layer + 1]
-        out[f"{name}.weight"] = out[f"{name}.weight"][:, keep]
-        if chain.bias:
-            out[f"{name}.bias"] = out[f"{name}.bias"][:, keep]
-        out[f"{nxt}.weight"] = out[f"{nxt}.weight"][:, :, keep]
-        widths[layer] = int(keep.sum())
-    return chain.with_widths(widths), out, drop
+    return *_without(chain, params, drop), drop
 
 
 def prune_redundant(
