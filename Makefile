@@ -11,7 +11,7 @@ CORES ?= all
 XLA_VENV := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.installed
 
-.PHONY: default test test-slurm test-xla lint resume report bench clean help
+.PHONY: default test test-thorough test-slurm test-xla lint resume report bench clean help
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -27,6 +27,12 @@ default: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slurm and not xla" -q --durations=15
+
+# The property tests with many larger, freshly drawn examples (Hypothesis profile "thorough";
+# make test runs them small and derandomized).
+test-thorough: $(STAMP)
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q --hypothesis-show-statistics \
+		tests/test_properties_*.py
 
 # A real single-node SLURM cluster (installs Debian's slurm packages; needs root), the tiny config
 # through the SLURM executor, compared with a local run; stops the daemons it started.

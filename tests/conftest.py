@@ -1,4 +1,5 @@
-"""Shared fixtures: the repository root, and a fresh copy of the workflow for end-to-end runs."""
+"""Shared fixtures: the repository root, a fresh copy of the workflow for end-to-end runs, and
+the Hypothesis profiles of the property tests (``tests/test_properties_*.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,30 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+
+# Hypothesis profiles, chosen by HYPOTHESIS_PROFILE: "ci" (default, `make test`): few small
+# examples, derandomized and without an example database, so every run draws the same cases;
+# "thorough" (`make test-thorough`): many larger examples, a fresh random draw each run. Both
+# print the falsifying example and the blob that replays it (@reproduce_failure). The example
+# counts are per property (tests/strategies.py: examples). The XLA environment runs only
+# tests/test_xla.py and has no Hypothesis.
+try:
+    from hypothesis import HealthCheck, Phase, settings
+except ImportError:  # pragma: no cover
+    settings = None
+if settings is not None:
+    _common = dict(
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    # (ci: no "explain" phase, which re-runs a failing case many times to annotate it)
+    settings.register_profile(
+        "ci", derandomize=True, phases=[p for p in Phase if p != Phase.explain], **_common
+    )
+    settings.register_profile("thorough", derandomize=False, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def copy_workflow(dest: Path) -> Path:
