@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import Phase, given, note, settings
+from hypothesis import Phase, assume, given, note, settings
 from hypothesis import strategies as st
 from strategies import AFFORDABLE, architectures, describe, examples, inputs, sgd_hparams
 
@@ -133,6 +133,8 @@ def check_conservation(arch, h, loss, steps, seed):
     hp = _hparams(h, loss)
     note(f"hyperparameters: {describe(h)}, loss={loss}")
     run = train_in_memory(arch, hp, steps, seed)
+    # a network whose activations overflow (a deep ResNet without BatchNorm) has no laws to check
+    assume(all(np.isfinite(v).all() for v in run._params.values()))
     tables = [register_metric.get(m)(run) for m in METRICS]
     table = pd.concat([t for t in tables if len(t)], ignore_index=True)
     if table.empty:
@@ -160,7 +162,7 @@ HPARAMS = dict(
 )
 
 
-@settings(max_examples=examples(ci=12, thorough=300))
+@settings(max_examples=examples(ci=24, thorough=300))
 @given(arch=architectures(models=MODELS, overrides={"bn_eps": st.just(1e-20)}), **HPARAMS)
 def test_exact_discrete_conservation_laws(arch, h, loss, steps, seed):
     check_conservation(arch, h, loss, steps, seed)
