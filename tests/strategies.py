@@ -365,5 +365,34 @@ def sgd_hparams(draw, kinds=SGD_KINDS):
     }
 
 
+#: TrainHparams fields a property sets itself (never drawn by :func:`train_options`).
+TRAIN_FIXED = ("optimizer", "loss", "dtype", "schedule", "plateau_metric", "on_nan")
+
+
+def train_options() -> dict:
+    """Strategies for the string options of :class:`~pipeline.config.TrainHparams` beyond
+    :func:`sgd_hparams` whose allowed values are a tuple constant of :mod:`pipeline.train.optim`
+    holding the default: an option added there (say, which parameters weight decay acts on) is
+    drawn without editing the tests."""
+    from dataclasses import fields
+
+    import pipeline.train.optim as optim
+    from pipeline.config import TrainHparams
+
+    constants = [
+        v
+        for v in vars(optim).values()
+        if isinstance(v, tuple) and len(v) > 1 and all(isinstance(x, str) for x in v)
+    ]
+    out = {}
+    for f in fields(TrainHparams):
+        if f.name in TRAIN_FIXED or not isinstance(f.default, str):
+            continue
+        allowed = next((c for c in constants if f.default in c), None)
+        if allowed:
+            out[f.name] = st.sampled_from(allowed)
+    return out
+
+
 def describe(d: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())

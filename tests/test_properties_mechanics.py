@@ -22,7 +22,15 @@ import pytest
 import torch
 from hypothesis import Phase, assume, given, note, settings
 from hypothesis import strategies as st
-from strategies import AFFORDABLE, architectures, describe, examples, inputs, sgd_hparams
+from strategies import (
+    AFFORDABLE,
+    architectures,
+    describe,
+    examples,
+    inputs,
+    sgd_hparams,
+    train_options,
+)
 
 from pipeline.config import TrainHparams
 from pipeline.mechanics.artifacts import RunArtifacts
@@ -71,7 +79,7 @@ def train_in_memory(arch, h: TrainHparams, steps: int, seed: int) -> RunArtifact
     gen = torch.Generator().manual_seed(seed)
     model = arch.build(seed).train()
     structure = neuron_structure(model, arch.input_shape)
-    optimizer = make_optimizer(model.parameters(), h)
+    optimizer = make_optimizer(model.named_parameters(), h)
     trace = MechanicsTrace(model, structure, optimizer, h)
     loss = loss_fn(h.loss)
     named = dict(model.named_parameters())
@@ -116,7 +124,7 @@ def train_in_memory(arch, h: TrainHparams, steps: int, seed: int) -> RunArtifact
     return run
 
 
-def _hparams(h: dict, loss: str) -> TrainHparams:
+def _hparams(h: dict, loss: str, extra: dict) -> TrainHparams:
     return TrainHparams(
         lr=h["lr"],
         momentum=h["momentum"],
@@ -126,12 +134,13 @@ def _hparams(h: dict, loss: str) -> TrainHparams:
         loss=loss,
         dtype="float64",
         mechanics=True,
+        **extra,
     )
 
 
-def check_conservation(arch, h, loss, steps, seed):
-    hp = _hparams(h, loss)
-    note(f"hyperparameters: {describe(h)}, loss={loss}")
+def check_conservation(arch, h, loss, extra, steps, seed):
+    hp = _hparams(h, loss, extra)
+    note(f"hyperparameters: {describe(h)}, loss={loss}, {extra}")
     run = train_in_memory(arch, hp, steps, seed)
     # a network whose activations overflow (a deep ResNet without BatchNorm) has no laws to check
     assume(all(np.isfinite(v).all() for v in run._params.values()))
@@ -157,6 +166,7 @@ def check_conservation(arch, h, loss, steps, seed):
 HPARAMS = dict(
     h=sgd_hparams(),
     loss=st.sampled_from(["ce", "mse"]),
+    extra=st.fixed_dictionaries(train_options()),
     steps=st.integers(3, 12),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -164,8 +174,8 @@ HPARAMS = dict(
 
 @settings(max_examples=examples(ci=24, thorough=300))
 @given(arch=architectures(models=MODELS, overrides={"bn_eps": st.just(1e-20)}), **HPARAMS)
-def test_exact_discrete_conservation_laws(arch, h, loss, steps, seed):
-    check_conservation(arch, h, loss, steps, seed)
+def test_exact_discrete_conservation_laws(arch, h, loss, extra, steps, seed):
+    check_conservation(arch, h, loss, extra, steps, seed)
 
 
 @pytest.mark.parametrize(
@@ -177,6 +187,6 @@ def test_exact_discrete_conservation_laws(arch, h, loss, steps, seed):
 )
 @settings(max_examples=examples(ci=2, thorough=20), phases=[Phase.generate])  # no shrinking
 @given(data=st.data(), **HPARAMS)
-def test_exact_discrete_conservation_laws_known_broken(model, data, h, loss, steps, seed):
+def test_exact_discrete_conservation_laws_known_broken(model, data, h, loss, extra, steps, seed):
     arch = data.draw(architectures(models=(model,), overrides={"bn_eps": st.just(1e-20)}))
-    check_conservation(arch, h, loss, steps, seed)
+    check_conservation(arch, h, loss, extra, steps, seed)
