@@ -1,5 +1,5 @@
 """Property: the exact discrete conservation laws (Kunin et al.; :mod:`pipeline.mechanics.theory`)
-hold to 1e-6 relative in float64 on random architectures from the model registry, under random
+hold to 1e-11 relative in float64 on random architectures from the model registry, under random
 SGD hyperparameters (lr up to 0.1, momentum, dampening, Nesterov, weight decay) and both losses.
 
 Each case trains a few steps the way :func:`pipeline.train.loop.train_run` does (forward,
@@ -7,7 +7,7 @@ backward, :class:`~pipeline.train.trace.MechanicsTrace` around ``optimizer.step`
 parameters of every step, and hands them with the trace to every metric registered in
 :mod:`pipeline.mechanics.metrics` (translation, scale, rescale, and any added later) through a
 :class:`~pipeline.mechanics.artifacts.RunArtifacts` filled in memory. Where a metric gives a
-prediction (empty note) its exact discrete prediction must match the empirical quantity to 1e-6
+prediction (empty note) its exact discrete prediction must match the empirical quantity to 1e-11
 of the size of its terms (:func:`pipeline.mechanics.cache.deviations`); where it gives none
 (Nesterov; translation under MSE) the note says why and no number is written.
 
@@ -24,7 +24,7 @@ from hypothesis import Phase, assume, given, note, settings
 from hypothesis import strategies as st
 from strategies import (
     AFFORDABLE,
-    architectures,
+    cases,
     describe,
     examples,
     inputs,
@@ -63,7 +63,10 @@ METRICS = tuple(
     for name, entry in register_metric.entries().items()
     if entry.module == "pipeline.mechanics.metrics" and "trace" in entry.meta.get("needs", ())
 )
-EXACT = 1e-6
+#: Relative deviation allowed from the exact discrete prediction: the laws are identities of
+#: the iteration, so only rounding separates them (the largest measured in 80 thorough examples:
+#: 2.7e-14); issue 11 asks for 1e-6.
+EXACT = 1e-11
 
 
 @pytest.fixture(autouse=True)
@@ -170,12 +173,15 @@ HPARAMS = dict(
     steps=st.integers(3, 12),
     seed=st.integers(0, 2**31 - 1),
 )
+ARCH = {"overrides": {"bn_eps": st.just(1e-20)}}
 
 
-@settings(max_examples=examples(ci=24, thorough=300))
-@given(arch=architectures(models=MODELS, overrides={"bn_eps": st.just(1e-20)}), **HPARAMS)
-def test_exact_discrete_conservation_laws(arch, h, loss, extra, steps, seed):
-    check_conservation(arch, h, loss, extra, steps, seed)
+@pytest.mark.parametrize("model", MODELS)
+@settings(max_examples=examples(ci=3, thorough=20))
+@given(data=st.data())
+def test_exact_discrete_conservation_laws(model, data):
+    case = data.draw(cases(model, arch=ARCH, **HPARAMS), label="case")
+    check_conservation(case.arch, case.h, case.loss, case.extra, case.steps, case.seed)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +192,7 @@ def test_exact_discrete_conservation_laws(arch, h, loss, extra, steps, seed):
     ],
 )
 @settings(max_examples=examples(ci=2, thorough=20), phases=[Phase.generate])  # no shrinking
-@given(data=st.data(), **HPARAMS)
-def test_exact_discrete_conservation_laws_known_broken(model, data, h, loss, extra, steps, seed):
-    arch = data.draw(architectures(models=(model,), overrides={"bn_eps": st.just(1e-20)}))
-    check_conservation(arch, h, loss, extra, steps, seed)
+@given(data=st.data())
+def test_exact_discrete_conservation_laws_known_broken(model, data):
+    case = data.draw(cases(model, arch=ARCH, **HPARAMS), label="case")
+    check_conservation(case.arch, case.h, case.loss, case.extra, case.steps, case.seed)

@@ -23,9 +23,9 @@ import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from strategies import (
-    CHAOTIC,
+    AFFORDABLE,
     EPS,
-    architectures,
+    cases,
     checked_dtype,
     compare,
     condition,
@@ -115,15 +115,22 @@ def cob_specs(draw, max_range=10.0):
     return CobSpec(sampling, r, center, options)
 
 
-@settings(max_examples=examples(ci=25, thorough=300))
-@given(
-    arch=architectures(dtypes=(torch.float64, torch.float32)),
-    chain=st.lists(cob_specs(), min_size=1, max_size=3),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_teleports_leave_the_function_unchanged(arch, chain, seed):
+@pytest.mark.parametrize("model", AFFORDABLE)
+@settings(max_examples=examples(ci=3, thorough=20))
+@given(data=st.data())
+def test_teleports_leave_the_function_unchanged(model, data):
     """The bound is :func:`strategies.tolerance` (near roundoff: 1e-10 in float64, 1e-5 in
     float32, or 10 times the network's own rounding error where that is larger)."""
+    case = data.draw(
+        cases(
+            model,
+            arch={"dtypes": (torch.float64, torch.float32)},
+            chain=st.lists(cob_specs(), min_size=1, max_size=3),
+            seed=st.integers(0, 2**31 - 1),
+        ),
+        label="case",
+    )
+    arch, chain, seed = case.arch, case.chain, case.seed
     gen = torch.Generator().manual_seed(seed)
     model = arch.build(seed, torch.float64)
     randomise_bn_(model, gen)
@@ -183,11 +190,16 @@ def _sgd_step(params: dict, grads: dict, buffers: dict, h: dict, precondition: d
         theta.sub_(lr * s)
 
 
-#: Smallest relative distance allowed between the float64 runs (a few steps of rounding).
-TRAJECTORY = 1e-9
+#: Smallest relative distance allowed between the float64 runs: a few steps of rounding (the
+#: largest measured in 80 thorough examples: 2.8e-12).
+TRAJECTORY = 1e-10
 #: Rounding differences allowed, in units of the explicit run's own rounding error scaled from
 #: float32 to float64 (the teleported run rounds differently at every operation).
 TRAJECTORY_SAFETY = 100.0
+#: Float32 drift beyond which the float32 probe is no longer linear in the rounding (a run
+#: that amplifies rounding a thousandfold per few steps, e.g. a deep sigmoid ResNet whose
+#: BatchNorms see 1x1 maps): the comparison stops there.
+TRAJECTORY_CHAOTIC = 1e-4
 
 
 def _flat(params) -> torch.Tensor:
@@ -221,16 +233,10 @@ class ExplicitRun:
         return _flat(self.params.items())
 
 
-@settings(max_examples=examples(ci=20, thorough=200))
-@given(
-    arch=architectures(),
-    h=sgd_hparams(),
-    spec=cob_specs(max_range=0.5),
-    before=st.integers(0, 3),
-    after=st.integers(2, 5),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_teleported_momentum_run_is_the_preconditioned_run(arch, h, spec, before, after, seed):
+@pytest.mark.parametrize("model", AFFORDABLE)
+@settings(max_examples=examples(ci=3, thorough=20))
+@given(data=st.data())
+def test_teleported_momentum_run_is_the_preconditioned_run(model, data):
     r"""Teleporting by a change of basis multiplies every parameter entry by its factor D
     (diagonal, :func:`~pipeline.teleport.cob.parameter_scales`), and the teleported network
     computes f'(theta') = f(theta' / D) exactly (its modified activations, max-pools and
@@ -250,9 +256,28 @@ def test_teleported_momentum_run_is_the_preconditioned_run(arch, h, spec, before
     teleported one with torch.optim.SGD and :func:`~pipeline.teleport.network.teleport_`, the
     preconditioned one written out (:func:`_sgd_step`) on the stock network, and the library's
     :class:`~pipeline.teleport.training.Preconditioner` on torch's SGD as a third; the weights
-    and BatchNorm statistics must agree at every step, in float64, to 1e-9 relative or, where
+    and BatchNorm statistics must agree at every step, in float64, to 1e-10 relative or, where
     the trajectory is sensitive to rounding, 100 times its float32 drift scaled to float64.
     """
+    case = data.draw(
+        cases(
+            model,
+            h=sgd_hparams(),
+            spec=cob_specs(max_range=0.5),
+            before=st.integers(0, 3),
+            after=st.integers(2, 5),
+            seed=st.integers(0, 2**31 - 1),
+        ),
+        label="case",
+    )
+    arch, h, spec, before, after, seed = (
+        case.arch,
+        case.h,
+        case.spec,
+        case.before,
+        case.after,
+        case.seed,
+    )
     gen = torch.Generator().manual_seed(seed)
     model = arch.build(seed, torch.float64).train()
     randomise_bn_(model, gen)
@@ -300,7 +325,7 @@ def test_teleported_momentum_run_is_the_preconditioned_run(arch, h, spec, before
         # arithmetic (a Linear/Conv bias before a BatchNorm) moves by rounding errors only
         expected = ref.flat()
         drift = rel(probe.flat(), expected)
-        if not drift <= CHAOTIC:  # the probe saturates (or the run overflowed): stop here
+        if not drift <= TRAJECTORY_CHAOTIC:  # (or the run overflowed)
             note(f"step {k + 1}: float32 drift {drift:.2e}, too chaotic to compare further")
             break
         tol = max(TRAJECTORY, TRAJECTORY_SAFETY * drift * EPS[torch.float64] / EPS[torch.float32])
