@@ -50,9 +50,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests workflow/scripts benchmarks
 	$(BIN)/snakemake --lint
 
+# After a kill: make resume [TARGET=results/fig6.pdf] [CONFIG=config/paper/x.yaml] [PROFILE=profiles/slurm]
+# resumes what was running (default: every target of the embedded default, on this machine).
+PROFILE ?= profiles/local
+RESUME_ARGS = $(if $(CONFIG),--configfile $(CONFIG)) $(TARGET)
 resume: $(STAMP)
-	$(BIN)/snakemake --unlock
-	$(BIN)/snakemake --profile profiles/local
+	$(BIN)/snakemake --unlock $(RESUME_ARGS)
+	$(BIN)/snakemake --profile $(PROFILE) $(RESUME_ARGS)
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html
