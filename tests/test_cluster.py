@@ -149,3 +149,27 @@ def test_make_resume_takes_the_target_and_config(tmp_path):
         assert "--configfile config/paper/teleportation.yaml" in line, line
         assert line.endswith("results/fig6.pdf"), line
     assert "--profile profiles/local" in lines[1]
+
+
+class _Resources(dict):
+    __getattr__ = dict.__getitem__
+
+
+def test_no_account_setting_submits_without_guessing_an_account(monkeypatch):
+    """snakemake-executor-plugin-slurm 2.8.0 ignores --slurm-no-account and guesses an account
+    with sacct (warning twice where accounting is off); the workflow makes it submit without -A."""
+    plugin = pytest.importorskip("snakemake_executor_plugin_slurm")
+    guesses, warnings = [], []
+    monkeypatch.setattr(plugin, "get_account", lambda logger: guesses.append(1))
+    monkeypatch.setattr(plugin, "validate_account", lambda account, logger: account)
+    cluster.honour_no_account()
+    executor = SimpleNamespace(
+        workflow=SimpleNamespace(executor_settings=SimpleNamespace(no_account=True)),
+        logger=SimpleNamespace(warning=warnings.append),
+        _fallback_account_arg=None,
+    )
+    job = SimpleNamespace(resources=_Resources())
+    assert list(plugin.Executor.get_account_arg(executor, job)) == [""]
+    assert guesses == [] and warnings == []
+    job = SimpleNamespace(resources=_Resources(slurm_account="proj7"))
+    assert list(plugin.Executor.get_account_arg(executor, job)) == [" -A proj7"]

@@ -1,13 +1,14 @@
 """Stop requests: a training job asked to stop writes its resume state and exits.
 
-Clusters stop jobs: SLURM sends SIGTERM on preemption and at the time limit (then SIGKILL after
-``KillWait``, 30 s by default), and ``sbatch --signal=TERM@120`` (set by ``profiles/slurm``) sends
-it two minutes before the limit. A training loop runs inside :class:`StopRequest`; the handler
-only records the signal, the loop checks ``if stop:`` at its step boundaries, writes a resume
-checkpoint and raises :meth:`StopRequest.error`. The job then fails with a one-line message, and
-Snakemake's retry (``retries:`` in the profile) or SLURM's requeue runs it again, which resumes
-from that checkpoint. Outside the block, and in threads other than the main one (where Python
-cannot install handlers), signals keep their previous behaviour.
+Clusters stop jobs: ``sbatch --signal=TERM@120`` (set by ``profiles/slurm``) sends SIGTERM to a
+job's steps two minutes before its time limit, and SLURM sends SIGTERM at the limit and on
+preemption (then SIGKILL after ``KillWait``, 30 s by default). A training loop runs with a
+:class:`StopRequest` installed: the handler only records the signal, the loop checks ``if stop:``
+at its step boundaries, writes a resume checkpoint and raises :meth:`StopRequest.error`. The job
+then fails with a one-line message, and Snakemake's retry (``retries:`` in the profile) or
+SLURM's requeue runs it again, which resumes from that checkpoint. Before ``install`` and after
+``restore``, and in threads other than the main one (where Python cannot install handlers),
+signals keep their previous behaviour.
 """
 
 from __future__ import annotations
