@@ -28,8 +28,9 @@ default: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slurm and not xla" -q --durations=15
 
-# A real single-node SLURM cluster (installs Debian's slurm packages; needs root), the tiny config
-# through the SLURM executor, compared with a local run; stops the daemons it started.
+# A real single-node SLURM cluster (installs Debian's slurm packages; needs root): the tiny config
+# through the shipped profiles/slurm on a 2-CPU node, a training job stopped and resumed, compared
+# with a local run; stops the daemons it started (by PID) and removes the slurm.conf it wrote.
 test-slurm: $(STAMP)
 	$(BIN)/python -m pytest -m slurm -q tests/test_slurm.py
 
