@@ -34,8 +34,9 @@ test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q --hypothesis-show-statistics \
 		tests/test_properties_*.py
 
-# A real single-node SLURM cluster (installs Debian's slurm packages; needs root), the tiny config
-# through the SLURM executor, compared with a local run; stops the daemons it started.
+# A real single-node SLURM cluster (installs Debian's slurm packages; needs root): the tiny config
+# through the shipped profiles/slurm on a 2-CPU node, a training job stopped and resumed, compared
+# with a local run; stops the daemons it started (by PID) and removes the slurm.conf it wrote.
 test-slurm: $(STAMP)
 	$(BIN)/python -m pytest -m slurm -q tests/test_slurm.py
 
@@ -56,9 +57,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests workflow/scripts benchmarks
 	$(BIN)/snakemake --lint
 
+# After a kill: make resume [TARGET=results/fig6.pdf] [CONFIG=config/paper/x.yaml] [PROFILE=profiles/slurm]
+# resumes what was running (default: every target of the embedded default, on this machine).
+PROFILE ?= profiles/local
+RESUME_ARGS = $(if $(CONFIG),--configfile $(CONFIG)) $(TARGET)
 resume: $(STAMP)
-	$(BIN)/snakemake --unlock
-	$(BIN)/snakemake --profile profiles/local
+	$(BIN)/snakemake --unlock $(RESUME_ARGS)
+	$(BIN)/snakemake --profile $(PROFILE) $(RESUME_ARGS)
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html

@@ -331,6 +331,40 @@ def masks_tables_inputs(wildcards):
     return [f"results/{wildcards.study}/masks/{r.name}/tables" for r in PLAN.runs[wildcards.study]]
 
 
+# -- SLURM: the site's settings (profiles/slurm/site.yaml) on every rule; jobs that cannot fit ----
+from pipeline import cluster  # noqa: E402
+
+try:
+    SITE = cluster.read_site(os.path.join(workflow.basedir, "profiles", "slurm", "site.yaml"))
+except cluster.SiteError as err:
+    raise WorkflowError(str(err)) from None
+cluster.honour_no_account()
+
+
+def site_resources(gpus=None):
+    """Every rule's ``resources:`` end with ``**site_resources()`` (``gpus=`` where GPUs may be used)."""
+    return cluster.job_resources(SITE, gpus)
+
+
+def gpus_of(study):
+    return PLAN.study(study).get("resources", {}).get("gpus", 1 if DEVICE == "cuda" else 0)
+
+
+def study_gpus(wildcards):
+    return gpus_of(wildcards.study)
+
+
+onstart:
+    if workflow.executor_plugin is not None and workflow.executor_plugin.name == "slurm":
+        dag = workflow.dag
+        try:
+            cluster.check_schedulable(
+                j for j in dag.get_jobs_or_groups() if j.is_group() or dag.needrun(j)
+            )
+        except cluster.SiteError as err:
+            raise WorkflowError(str(err)) from None
+
+
 def package_versions():
     from importlib.metadata import PackageNotFoundError, version
 

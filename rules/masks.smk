@@ -24,7 +24,7 @@ rule masks_train:
     resources:
         mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
         runtime=lambda w: study_resources(w, "runtime", 60),
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -52,6 +52,7 @@ rule masks_analyse:
     resources:
         mem_mb=4000,
         runtime=30,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -73,6 +74,7 @@ rule masks_collect:
     resources:
         mem_mb=2000,
         runtime=10,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -99,7 +101,7 @@ rule masks_transfer:
     resources:
         mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
         runtime=lambda w: study_resources(w, "runtime", 120),
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:

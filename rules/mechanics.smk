@@ -17,6 +17,7 @@ rule extract:
     resources:
         mem_mb=4000,
         runtime=30,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -40,6 +41,7 @@ rule cache:
     resources:
         mem_mb=8000,
         runtime=30,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:

@@ -26,7 +26,7 @@ for study, zoo, chunk, seeds in ZOO_CHUNKS:
         resources:
             mem_mb=PLAN.study(study).get("resources", {}).get("mem_mb", 4000),
             runtime=PLAN.study(study).get("resources", {}).get("runtime", 120),
-            gpu=PLAN.study(study).get("resources", {}).get("gpus", 1 if DEVICE == "cuda" else 0),
+            **site_resources(gpus=gpus_of(study)),
         conda:
             "../workflow/envs/pipeline.yaml"
         script:
@@ -50,6 +50,7 @@ rule zoo_select:
     resources:
         mem_mb=2000,
         runtime=10,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -78,6 +79,7 @@ for study in MODELSYM:
             resources:
                 mem_mb=4000,
                 runtime=30,
+                **site_resources(),
             conda:
                 "../workflow/envs/pipeline.yaml"
             script:
@@ -106,6 +108,7 @@ rule alignment:
     resources:
         mem_mb=8000,
         runtime=60,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -138,7 +141,7 @@ rule stitching:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -166,7 +169,7 @@ rule rotation:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -191,6 +194,7 @@ rule modelsym_collect:
     resources:
         mem_mb=2000,
         runtime=10,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:

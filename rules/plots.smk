@@ -25,6 +25,7 @@ rule plot:
     resources:
         mem_mb=4000,
         runtime=10,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:

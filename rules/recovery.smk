@@ -28,7 +28,7 @@ rule recovery_expand:
     resources:
         mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
         runtime=lambda w: study_resources(w, "runtime", 120),
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -62,6 +62,7 @@ rule recovery_cluster:
     resources:
         mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
         runtime=lambda w: study_resources(w, "runtime", 60),
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -84,6 +85,7 @@ rule recovery_collect:
     resources:
         mem_mb=2000,
         runtime=10,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -111,7 +113,7 @@ rule recovery_lottery:
     resources:
         mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
         runtime=lambda w: study_resources(w, "runtime", 120),
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -140,7 +142,7 @@ rule prune:
     resources:
         mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
         runtime=lambda w: study_resources(w, "runtime", 120),
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -162,6 +164,7 @@ rule lottery_collect:
     resources:
         mem_mb=2000,
         runtime=10,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:

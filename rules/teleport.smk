@@ -21,6 +21,7 @@ rule teleport_validation:
     resources:
         mem_mb=2000,
         runtime=10,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -46,6 +47,7 @@ rule teleport_interpolation:
     resources:
         mem_mb=4000,
         runtime=30,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -69,6 +71,7 @@ rule teleport_analysis:
     resources:
         mem_mb=4000,
         runtime=30,
+        **site_resources(),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:

@@ -24,7 +24,7 @@ rule train:
     resources:
         mem_mb=lambda w: study_resources(w, "mem_mb", 4000),
         runtime=lambda w: study_resources(w, "runtime", 60),
-        gpu=lambda w: study_resources(w, "gpus", 1 if DEVICE == "cuda" else 0),
+        **site_resources(gpus=study_gpus),
     conda:
         "../workflow/envs/pipeline.yaml"
     script:
@@ -63,7 +63,7 @@ for study, index, chunk in TRAIN_CHUNKS:
         resources:
             mem_mb=PLAN.study(study).get("resources", {}).get("mem_mb", 4000),
             runtime=PLAN.study(study).get("resources", {}).get("runtime", 60) * len(chunk),
-            gpu=PLAN.study(study).get("resources", {}).get("gpus", 1 if DEVICE == "cuda" else 0),
+            **site_resources(gpus=gpus_of(study)),
         conda:
             "../workflow/envs/pipeline.yaml"
         script:

@@ -42,7 +42,7 @@ if settings is not None:
 def copy_workflow(dest: Path) -> Path:
     """Copy the workflow (Snakefile, rules, config, scripts, src, profiles) into ``dest``."""
     dest.mkdir(parents=True)
-    for name in ("Snakefile", "rules", "config", "workflow", "src", "profiles", "tests/profiles"):
+    for name in ("Snakefile", "rules", "config", "workflow", "src", "profiles"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,8 +1,10 @@
-"""Training: checkpoints, schedules, divergence, and bit-identical resume after a real SIGKILL."""
+"""Training: checkpoints, schedules, divergence, and bit-identical resume after a real SIGKILL or
+a stop request (SIGTERM/SIGUSR1: the job writes a checkpoint and exits)."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +130,101 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
         for key in ("g2", "u2", "colsum"):
             assert np.array_equal(f[key][()], g[key][()])
     assert io.read_json(ref / "checkpoints.json") == io.read_json(killed / "checkpoints.json")
+
+
+STOPPABLE = """
+import json, sys
+from pipeline.train.loop import train_run
+
+class Announce:  # tells the test which epoch starts, so it signals a run in progress
+    def on_epoch_start(self, epoch, model, optimizer, seed):
+        print(f"epoch {epoch}", flush=True)
+
+train_run(sys.argv[1], json.load(open(sys.argv[2])), threads=1, progress=False,
+          callbacks=(Announce(),))
+"""
+
+#: training setups the stop test draws from: optimizer and momentum, dropout, the mechanics trace,
+#: checkpoint schedules (mid-epoch, epoch ends or neither, keep_last), and the signal
+SETUPS = [
+    {
+        "optimizer": o,
+        "momentum": m,
+        "dropout": d,
+        "mechanics": t,
+        "every": e,
+        "epoch_end": b,
+        "keep_last": k,
+        "signal": sig,
+    }
+    for o, m in (("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0))
+    for d in (0.0, 0.2)
+    for t in (False, True)
+    for e in (0, 25, 40)
+    for b in (False, True)
+    for k in (0, 2)
+    for sig in ("SIGTERM", "SIGUSR1")
+]
+DRAWN = [SETUPS[i] for i in np.random.default_rng(12).choice(len(SETUPS), 2, replace=False)]
+
+
+@pytest.mark.parametrize("setup", DRAWN, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_stop_signal_writes_a_checkpoint_and_resume_is_bit_identical(tmp_path, setup):
+    """A running job gets the signal SLURM sends (preemption, time limit): it writes a checkpoint
+    at the step it reached, exits with an error naming the signal (so Snakemake retries it), and
+    the resumed run ends with exactly the uninterrupted run's weights, history, trace, manifest
+    and checkpoint files."""
+    hp = hparams(
+        epochs=2,
+        optimizer=setup["optimizer"],
+        momentum=setup["momentum"],
+        mechanics=setup["mechanics"],
+    )
+    hp["model"]["dropout"] = setup["dropout"]
+    hp["checkpoints"] = {
+        "every_steps": setup["every"],
+        "epoch_end": setup["epoch_end"],
+        "keep_last": setup["keep_last"],
+    }
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    train_run(ref, hp, progress=False)
+
+    hp_file = tmp_path / "hp.json"
+    hp_file.write_text(json.dumps(hp))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPABLE, str(stopped), str(hp_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.strip() == "epoch 1":
+            proc.send_signal(getattr(signal, setup["signal"]))
+            break
+    _, err = proc.communicate(timeout=120)
+    found = re.search(rf"TrainingStopped: stopped by {setup['signal']} at step (\d+)", err)
+    assert proc.returncode == 1 and found, err
+    step = int(found.group(1))
+    assert 84 < step < 168 and not (stopped / "final.pt").exists()
+    state = io.load_torch(stopped / "checkpoints" / f"step{step:09d}.pt")
+    assert state["step"] == step and state["rng"]["torch"] is not None
+
+    train_run(stopped, hp, progress=False)
+    a = io.load_torch(ref / "final.pt")["model"]
+    b = io.load_torch(stopped / "final.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(ref / "history.parquet"), pd.read_parquet(stopped / "history.parquet")
+    )
+    assert io.read_json(ref / "checkpoints.json") == io.read_json(stopped / "checkpoints.json")
+    names = sorted(p.name for p in (ref / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (stopped / "checkpoints").iterdir())
+    if setup["mechanics"]:
+        import h5py
+
+        with h5py.File(ref / "trace.h5") as f, h5py.File(stopped / "trace.h5") as g:
+            for key in ("g2", "u2", "colsum"):
+                assert np.array_equal(f[key][()], g[key][()])
 
 
 def test_corrupt_newest_checkpoint_and_half_written_files_are_dropped_on_resume(tmp_path):

@@ -1,7 +1,14 @@
 """The zoo: vectorised training equals separate runs, checkpoints are selected on validation,
-a killed job resumes bit-identically, features are streamed to HDF5 and equal a hook reference."""
+a killed or stopped (SIGTERM) job resumes bit-identically, features are streamed to HDF5 and equal
+a hook reference."""
 
 from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -99,6 +106,49 @@ def test_killed_zoo_resumes_bit_identically(zoo, tmp_path):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     pd.testing.assert_frame_equal(
         pd.read_parquet(out / "history.parquet"), pd.read_parquet(tmp_path / "history.parquet")
+    )
+
+
+STOPPABLE = """
+import json, sys
+from pipeline.zoo.train import train_zoo
+
+class Announce:  # tells the test an epoch ended, so it signals a job in progress
+    def on_epoch_end(self, epoch, zoo):
+        print(f"epoch {epoch}", flush=True)
+
+train_zoo(sys.argv[1], json.load(open(sys.argv[2])), [3, 8], callbacks=(Announce(),))
+"""
+
+
+def test_sigterm_stops_a_zoo_job_that_resumes_bit_identically(zoo, tmp_path):
+    """SIGTERM mid-run: the job saves its state at the batch it reached and exits with an error
+    naming the signal; the resumed job's members and history equal the uninterrupted job's."""
+    out, _ = zoo
+    hp_file = tmp_path / "hp.json"
+    hp_file.write_text(json.dumps(hparams()))
+    job = tmp_path / "job"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOPPABLE, str(job), str(hp_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if line.strip() == "epoch 1":
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and re.search(r"TrainingStopped: stopped by SIGTERM", err), err
+    state = io.load_torch(job / ".resume" / "state.pt")
+    assert state["epoch"] == 1 or (state["epoch"], state["batch"]) == (2, 0)  # during epoch 2
+    assert not (job / "seed~3.pt").exists()
+    train_zoo(job, hparams(), [3, 8])
+    for seed in (3, 8):
+        a, b = read_member(out / f"seed~{seed}.pt"), read_member(job / f"seed~{seed}.pt")
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "history.parquet"), pd.read_parquet(job / "history.parquet")
     )
 
 

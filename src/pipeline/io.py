@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 
@@ -24,12 +24,13 @@ def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     The temporary is hidden (``.name.<random><suffix>``, suffix ``.tmp`` by default) so a write
-    killed half-way leaves no file that globs for finished artifacts (``*.npz``) pick up.
+    killed half-way leaves no file that globs for finished artifacts (``*.npz``) pick up. It is
+    created with mode 0666 less the umask, as any new file (``mkstemp``'s 0600 would hide
+    results from collaborators sharing the project directory).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_hidden(path.parent, f".{path.name}.", suffix or ".tmp")
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -37,6 +38,18 @@ def atomic_path(path: str | Path, suffix: str = ""):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _create_hidden(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a new empty file ``folder/prefix<random>suffix`` (mode 0666 & ~umask)."""
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{folder}: no free temporary name {prefix}*{suffix}")
 
 
 def write_json(path: str | Path, obj) -> None:

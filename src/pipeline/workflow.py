@@ -14,6 +14,7 @@ CLEAR = (
     "DataMissingError",
     "ConfigError",
     "TrainingDiverged",
+    "TrainingStopped",
     "StructureError",
     "UnpicklingError",
 )

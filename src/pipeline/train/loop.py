@@ -13,6 +13,9 @@ Layout of a run directory (``results/{study}/runs/{run}/``)::
 
 Snakemake deletes declared outputs before it re-runs a job, never ``checkpoints/`` or
 ``segments/``: a re-run finds the newest valid checkpoint, drops segments after it, and goes on.
+A job asked to stop (SIGTERM, see :mod:`pipeline.train.stop`) writes a *resume-only*
+checkpoint at the step it reached, outside the manifest, and exits; the resumed run deletes it
+at its next scheduled checkpoint, so the outputs equal an uninterrupted run's.
 Each epoch's batch order derives from ``(seed, epoch)`` and dropout's RNG state is checkpointed,
 so with a fixed thread count a resumed CPU run ends bit-identical to an uninterrupted one.
 """
@@ -36,6 +39,7 @@ from pipeline.data import load as load_data
 from pipeline.models import build, neuron_structure
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
 from pipeline.train.schedule import checkpoint_steps
+from pipeline.train.stop import StopRequest
 from pipeline.train.trace import MechanicsTrace
 
 log = logging.getLogger(__name__)
@@ -89,15 +93,26 @@ def evaluate(model, split, loss, batch_size) -> tuple[float, float]:
 
 
 class _Rows:
-    """History rows since the last segment: step, epoch, split, loss, accuracy, lr."""
+    """History rows since the last segment: step, epoch, split, loss, accuracy, lr.
+
+    Rows keep the order they were recorded in, so where segments end never changes the history.
+    """
 
     def __init__(self):
         self.train: list = []  # (step, epoch, loss tensor, correct-fraction tensor, lr)
-        self.evals: list = []
+        self.evals: list = []  # (number of train rows before it, eval row)
+
+    def add_eval(self, row: tuple) -> None:
+        self.evals.append((len(self.train), row))
 
     def segment(self) -> dict[str, np.ndarray]:
-        rows = [(s, e, 0, float(lo), float(ac), lr) for s, e, lo, ac, lr in self.train]
-        rows += self.evals
+        train = [(s, e, 0, float(lo), float(ac), lr) for s, e, lo, ac, lr in self.train]
+        rows, done = [], 0
+        for position, row in self.evals:
+            rows += train[done:position]
+            rows.append(row)
+            done = position
+        rows += train[done:]
         self.train, self.evals = [], []
         arr = np.array(rows, dtype=float).reshape(-1, 6)
         return {
@@ -169,21 +184,25 @@ def train_run(
         for split, part in data.eval_splits().items():
             lo, ac = evaluate(model, part, loss, h.eval_batch_size)
             metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = lo, ac
-            rows.evals.append((step, epoch, SPLITS.index(split), lo, ac, sched.lr))
+            rows.add_eval((step, epoch, SPLITS.index(split), lo, ac, sched.lr))
         return metrics
 
-    def save(step, epoch, batch, metrics):
+    resume_only: list[Path] = []  # resume-only checkpoints still on disk
+
+    def save(step, epoch, batch, metrics, for_resume=False):
+        """Write a segment and a checkpoint; ``for_resume``: one outside the manifest."""
         seg = rows.segment()
-        seg["checkpoint"] = np.array(
-            json.dumps(
-                {
-                    "step": step,
-                    "epoch": epoch,
-                    "file": str(paths.checkpoint(step).relative_to(paths.root)),
-                    "metrics": metrics,
-                }
+        if not for_resume:
+            seg["checkpoint"] = np.array(
+                json.dumps(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "file": str(paths.checkpoint(step).relative_to(paths.root)),
+                        "metrics": metrics,
+                    }
+                )
             )
-        )
         if trace is not None:
             seg.update({f"t_{k}": v for k, v in trace.flush().items()})
         with io.atomic_path(paths.segment(step)) as tmp:
@@ -205,13 +224,20 @@ def train_run(
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
                 },
+                "resume_only": for_resume,
             },
         )
+        for old in resume_only:  # superseded by the checkpoint just written
+            old.unlink(missing_ok=True)
+        resume_only[:] = [paths.checkpoint(step)] if for_resume else []
         if c.keep_last:
-            for old in sorted(paths.checkpoints.glob("step*.pt"))[: -c.keep_last]:
+            kept = [f for f in sorted(paths.checkpoints.glob("step*.pt")) if f not in resume_only]
+            for old in kept[: -c.keep_last]:
                 old.unlink()
 
-    step, epoch, batch = _resume(paths, fp, model, optimizer, sched, dev)
+    step, epoch, batch, resumed_from = _resume(paths, fp, model, optimizer, sched, dev)
+    if resumed_from is not None:
+        resume_only.append(resumed_from)
     if step is not None:
         for cb in callbacks:
             if hasattr(cb, "on_resume"):
@@ -228,6 +254,7 @@ def train_run(
     host = dev.type == "cpu"
     check_every = 1 if host else 25
     bar = _progress(total, step, paths.root, progress)
+    stop = StopRequest().install()
     try:
         while epoch < h.epochs and status == "completed":
             if batch == 0:
@@ -280,8 +307,15 @@ def train_run(
                         save(step, epoch, batch, metrics)
                 elif step in to_save:
                     save(step, epoch, batch, {})
+                if stop and step < total:
+                    if step not in to_save:
+                        save(step, epoch, batch, {}, for_resume=True)
+                    raise stop.error(f"at step {step} of {paths.root} (checkpoint written)")
     finally:
+        stop.restore()
         bar.close()
+    for old in resume_only:  # a diverged run ends without a further checkpoint
+        old.unlink(missing_ok=True)
     if status == "diverged":
         seg = rows.segment()
         if trace is not None:
@@ -336,7 +370,10 @@ def _diverged(h: TrainHparams, paths: RunPaths, step: int, epoch: int) -> str:
 
 
 def _resume(paths: RunPaths, fp: str, model, optimizer, sched, dev):
-    """Load the newest valid checkpoint; drop later segments. ``(None, ...)`` if none."""
+    """Load the newest valid checkpoint; drop later segments. ``(None, ...)`` if none.
+
+    Returns ``(step, epoch, batch, path)``; ``path`` is the checkpoint's file if it was written
+    for resuming only (the run deletes it at its next checkpoint), else ``None``."""
     found = (
         sorted(paths.checkpoints.glob("step*.pt"), reverse=True)
         if paths.checkpoints.is_dir()
@@ -363,9 +400,9 @@ def _resume(paths: RunPaths, fp: str, model, optimizer, sched, dev):
         step = state["step"]
         _drop_after(paths, step)
         log.info("resuming %s from step %d", paths.root, step)
-        return step, state["epoch"], state["batch"]
+        return step, state["epoch"], state["batch"], path if state.get("resume_only") else None
     _drop_after(paths, -1)
-    return None, 0, 0
+    return None, 0, 0, None
 
 
 def _drop_after(paths: RunPaths, step: int) -> None:

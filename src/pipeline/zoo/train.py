@@ -18,7 +18,9 @@ ordinary runs and become members through :func:`pipeline.zoo.members.select_chec
 
 Outputs in ``out_dir``: ``seed~{s}.pt`` (member files), ``history.parquet`` (seed, epoch, split,
 loss, accuracy, lr), ``summary.json``; resume state in ``out_dir/.resume/state.pt`` (written every
-epoch, never a declared output), so a killed job goes on from its last finished epoch.
+epoch, never a declared output), so a killed job goes on from its last finished epoch. A job
+asked to stop (SIGTERM, see :mod:`pipeline.train.stop`) writes it at the batch it reached and
+exits; the resumed job ends bit-identical (on the CPU) to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pipeline.data import load as load_data
 from pipeline.data.tensors import TensorData, augment
 from pipeline.models import build
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
+from pipeline.train.stop import StopRequest
 from pipeline.zoo.members import save_member
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -111,12 +114,13 @@ def evaluate_zoo(zoo: Zoo, params: dict, split, loss, batch_size: int):
     return (total / max(n, 1)).numpy(), (correct / max(n, 1)).numpy()
 
 
-def _batches(train: TensorData, seeds, batch_size, drop_last, epoch, augment_images):
-    """Member k's minibatches of ``epoch`` exactly as ``TensorData.train_batches`` cuts them."""
+def _batches(train: TensorData, seeds, batch_size, drop_last, epoch, augment_images, start=0):
+    """Member k's minibatches of ``epoch`` exactly as ``TensorData.train_batches`` cuts them,
+    from batch ``start`` on."""
     orders = torch.stack(
         [torch.randperm(len(train), generator=seeding.generator(s, "order", epoch)) for s in seeds]
     ).to(train.x.device)
-    for b in range(train.num_batches(batch_size, drop_last)):
+    for b in range(start, train.num_batches(batch_size, drop_last)):
         idx = orders[:, b * batch_size : (b + 1) * batch_size]
         x = train.normalise(train.x[idx.reshape(-1)]).reshape(*idx.shape, *train.x.shape[1:])
         if augment_images:
@@ -194,7 +198,9 @@ def train_zoo(
     best_epoch = np.zeros(K, dtype=np.int64)
     best_metrics = [dict() for _ in range(K)]
     rows: list[tuple] = []  # (member, epoch, split, loss, accuracy, lr)
-    epoch, seconds = 0, 0.0
+    epoch, batch, seconds = 0, 0, 0.0
+    train_loss = torch.zeros(K, dtype=torch.float64, device=dev)  # sums over the epoch's batches
+    train_correct = torch.zeros(K, dtype=torch.float64, device=dev)
     if resume.is_file():
         state = io.load_torch(resume, map_location=dev)
         if state.get("fingerprint") == fingerprint:
@@ -208,66 +214,19 @@ def train_zoo(
             best_metrics = state["best_metrics"]
             rows = [tuple(r) for r in state["rows"].tolist()]
             epoch, seconds = state["epoch"], state["seconds"]
+            batch = state.get("batch", 0)
+            if batch:
+                train_loss.copy_(state["train_loss"])
+                train_correct.copy_(state["train_correct"])
     Schedule.apply(optimizer, sched.lr)
 
-    while epoch < h.epochs:
-        started = time.perf_counter()
-        train_loss = torch.zeros(K, dtype=torch.float64, device=dev)
-        train_correct = torch.zeros(K, dtype=torch.float64, device=dev)
-        for x, y in _batches(data.train, seeds, h.batch_size, h.drop_last, epoch, h.augment):
-            optimizer.zero_grad(set_to_none=True)
-            out = zoo.forward(zoo.params, x)
-            losses = vmap(loss)(out, y)
-            losses.sum().backward()
-            optimizer.step()
-            with torch.no_grad():
-                train_loss += losses.detach().double()
-                train_correct += vmap(predictions)(out.detach(), y).double().mean(1)
-        if not torch.isfinite(train_loss).all():
-            finite = torch.isfinite(train_loss).tolist()
-            bad = [s for s, ok in zip(seeds, finite, strict=True) if not ok]
-            raise FloatingPointError(
-                f"{out_dir}: training loss became NaN/inf in epoch {epoch} "
-                f"for seeds {bad}; lower train.lr"
-            )
-        lr = sched.lr
-        for k in range(K):
-            rows.append(
-                (
-                    k,
-                    epoch + 1,
-                    0,
-                    float(train_loss[k]) / per_epoch,
-                    float(train_correct[k]) / per_epoch,
-                    lr,
-                )
-            )
-        metrics = {}
-        for split, part in data.eval_splits().items():
-            lo, ac = evaluate_zoo(zoo, zoo.params, part, loss, h.eval_batch_size)
-            metrics[split] = (lo, ac)
-            rows += [(k, epoch + 1, SPLITS.index(split), lo[k], ac[k], lr) for k in range(K)]
-        val_acc = metrics["val"][1]
-        improved = val_acc > best_acc
-        with torch.no_grad():
-            for n, p in zoo.params.items():
-                mask = torch.as_tensor(improved, device=dev).reshape(-1, *[1] * (p.ndim - 1))
-                best[n] = torch.where(mask, p.detach(), best[n])
-        for k in np.flatnonzero(improved):
-            best_acc[k], best_epoch[k] = val_acc[k], epoch + 1
-            best_metrics[k] = {
-                f"{s}_{m}": float(metrics[s][i][k])
-                for s in metrics
-                for i, m in enumerate(("loss", "accuracy"))
-            }
-        Schedule.apply(optimizer, sched.end_epoch(epoch, {}))
-        epoch += 1
-        seconds += time.perf_counter() - started
+    def save_state():
         io.save_torch(
             resume,
             {
                 "fingerprint": fingerprint,
                 "epoch": epoch,
+                "batch": batch,
                 "seconds": seconds,
                 "params": {k: v.detach() for k, v in zoo.params.items()},
                 "optimizer": optimizer.state_dict(),
@@ -277,11 +236,84 @@ def train_zoo(
                 "best_epoch": torch.as_tensor(best_epoch),
                 "best_metrics": best_metrics,
                 "rows": torch.tensor(rows, dtype=torch.float64),
+                "train_loss": train_loss,
+                "train_correct": train_correct,
             },
         )
-        for cb in callbacks:
-            if hasattr(cb, "on_epoch_end"):
-                cb.on_epoch_end(epoch, zoo)
+
+    stop = StopRequest().install()
+    try:
+        while epoch < h.epochs:
+            started = time.perf_counter()
+            if batch == 0:
+                train_loss.zero_()
+                train_correct.zero_()
+            for x, y in _batches(
+                data.train, seeds, h.batch_size, h.drop_last, epoch, h.augment, batch
+            ):
+                optimizer.zero_grad(set_to_none=True)
+                out = zoo.forward(zoo.params, x)
+                losses = vmap(loss)(out, y)
+                losses.sum().backward()
+                optimizer.step()
+                with torch.no_grad():
+                    train_loss += losses.detach().double()
+                    train_correct += vmap(predictions)(out.detach(), y).double().mean(1)
+                batch += 1
+                if stop and batch < per_epoch:
+                    seconds += time.perf_counter() - started
+                    save_state()
+                    raise stop.error(
+                        f"in epoch {epoch} at batch {batch} of {out_dir} (state saved)"
+                    )
+            if not torch.isfinite(train_loss).all():
+                finite = torch.isfinite(train_loss).tolist()
+                bad = [s for s, ok in zip(seeds, finite, strict=True) if not ok]
+                raise FloatingPointError(
+                    f"{out_dir}: training loss became NaN/inf in epoch {epoch} "
+                    f"for seeds {bad}; lower train.lr"
+                )
+            lr = sched.lr
+            for k in range(K):
+                rows.append(
+                    (
+                        k,
+                        epoch + 1,
+                        0,
+                        float(train_loss[k]) / per_epoch,
+                        float(train_correct[k]) / per_epoch,
+                        lr,
+                    )
+                )
+            metrics = {}
+            for split, part in data.eval_splits().items():
+                lo, ac = evaluate_zoo(zoo, zoo.params, part, loss, h.eval_batch_size)
+                metrics[split] = (lo, ac)
+                rows += [(k, epoch + 1, SPLITS.index(split), lo[k], ac[k], lr) for k in range(K)]
+            val_acc = metrics["val"][1]
+            improved = val_acc > best_acc
+            with torch.no_grad():
+                for n, p in zoo.params.items():
+                    mask = torch.as_tensor(improved, device=dev).reshape(-1, *[1] * (p.ndim - 1))
+                    best[n] = torch.where(mask, p.detach(), best[n])
+            for k in np.flatnonzero(improved):
+                best_acc[k], best_epoch[k] = val_acc[k], epoch + 1
+                best_metrics[k] = {
+                    f"{s}_{m}": float(metrics[s][i][k])
+                    for s in metrics
+                    for i, m in enumerate(("loss", "accuracy"))
+                }
+            Schedule.apply(optimizer, sched.end_epoch(epoch, {}))
+            epoch, batch = epoch + 1, 0
+            seconds += time.perf_counter() - started
+            save_state()
+            for cb in callbacks:
+                if hasattr(cb, "on_epoch_end"):
+                    cb.on_epoch_end(epoch, zoo)
+            if stop and epoch < h.epochs:
+                raise stop.error(f"after epoch {epoch} of {out_dir} (state saved)")
+    finally:
+        stop.restore()
     return _finish(
         out_dir,
         zoo,
