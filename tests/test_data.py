@@ -162,6 +162,17 @@ def test_digits_split_and_batch_order_are_reproducible():
     assert all(torch.equal(p, q) for p, q in zip(batches_a[7:], resumed, strict=True))
 
 
+def test_bundled_digits_equal_scikit_learns_loader():
+    from sklearn.datasets import load_digits
+
+    from pipeline.data.sources import bundled_digits
+
+    data, target = bundled_digits()
+    bunch = load_digits()
+    assert data.dtype == bunch.data.dtype and np.array_equal(data, bunch.data)
+    assert np.array_equal(target, bunch.target)
+
+
 def test_augment_is_a_translation_and_flip():
     x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float64).reshape(2, 1, 6, 6) + 1
     out = augment(x, torch.Generator().manual_seed(0), pad=2)

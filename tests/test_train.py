@@ -97,6 +97,23 @@ train_run(sys.argv[1], json.load(open(sys.argv[2])), threads=1, progress=False)
 """
 
 
+def test_a_training_job_imports_neither_scikit_learn_nor_matplotlib(tmp_path):
+    """A training job's fixed cost: the digits come from scikit-learn's file, not its import."""
+    hp_file = tmp_path / "hp.json"
+    hp_file.write_text(json.dumps(hparams(epochs=1)))
+    probe = (
+        RUNNER + "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path / "run"), str(hp_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "run" / "final.pt").is_file()
+
+
 def _start(run_dir, hp_file):
     return subprocess.Popen([sys.executable, "-c", RUNNER, str(run_dir), str(hp_file)])
 
