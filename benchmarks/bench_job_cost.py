@@ -1,4 +1,4 @@
-"""A training job's fixed cost: what a one-run job of the embedded default costs beyond its training.
+"""A training job's fixed cost: what a one-run job of the embedded default costs beyond training.
 
 Each sample is a fresh Python process, as Snakemake starts one per job:
 - ``import torch``: the floor every job pays;
