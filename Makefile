@@ -11,7 +11,7 @@ CORES ?= all
 XLA_VENV := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.installed
 
-.PHONY: default test test-slurm test-xla lint resume report bench clean help
+.PHONY: default test test-slurm test-xla lint resume report bench clean help stale
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -53,6 +53,12 @@ lint: $(STAMP)
 resume: $(STAMP)
 	$(BIN)/snakemake --unlock
 	$(BIN)/snakemake --profile profiles/local
+
+# Trained runs whose code changed, in studies with rerun_on_code_change: false (one output per
+# line; force them with: snakemake --cores all --forcerun $$(make -s stale)). CONFIG=path for
+# another config; ACCEPT=1 records today's code as theirs instead (re-runs nothing).
+stale: $(STAMP)
+	@$(BIN)/python -m pipeline.stale $(if $(CONFIG),--configfile $(CONFIG)) $(if $(ACCEPT),--accept)
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html

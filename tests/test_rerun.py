@@ -1,0 +1,319 @@
+"""What an edit re-runs, by dry runs of the embedded default after it (issue 12).
+
+The finished state is built without running anything: every job's outputs are created empty and
+``snakemake --touch --forceall`` records them done, with their params (so the code fingerprints
+Snakemake compares, and ``.snakemake/code/<fingerprint>.txt``, each job's closure). Then each edit
+goes into the copy's ``src/pipeline``, and a dry run must list exactly the jobs whose closure holds
+the edited definition (reason: their ``code`` param changed, and only the edited definition's line
+differs between the two closure files) and everything downstream of them (reason: updated inputs).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import copy_workflow, snakemake
+
+pytestmark = pytest.mark.slow
+
+SEED = 3  # fixes the sample of edits
+
+
+@dataclass
+class Job:
+    rule: str
+    outputs: list[str]
+    inputs: list[str]
+    wildcards: str
+    closure: set[str] = field(default_factory=set)
+    code: str | None = None
+
+
+def parse_jobs(dry_run: str) -> list[dict]:
+    """The job blocks of a dry run: rule, input, output, reason, wildcards."""
+    jobs = []
+    for block in re.split(r"^\[.*\]\n(?=(?:local)?rule )", dry_run, flags=re.M)[1:]:
+        job = {"rule": re.match(r"(?:local)?rule (\w+):", block).group(1)}
+        for key in ("input", "output", "reason", "wildcards"):
+            m = re.search(rf"^    {key}: (.*)$", block, re.M)
+            job[key] = m.group(1) if m else ""
+        jobs.append(job)
+    return jobs
+
+
+def _files(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """``(directory, jobs)``: the default workflow, every job recorded done, none run."""
+    wf = copy_workflow(tmp_path_factory.mktemp("touched") / "wf")
+    plan = [j for j in parse_jobs(snakemake(wf, "-n").stdout) if j["rule"] != "all"]
+    for job in plan:
+        for out in _files(job["output"]):
+            path = wf / out
+            if "." in path.name:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            else:  # a directory() output (mask stages, mask tables)
+                path.mkdir(parents=True, exist_ok=True)
+    snakemake(wf, "--touch", "--forceall", "--cores", "1", "--quiet")
+    assert "Nothing to be done" in snakemake(wf, "-n").stdout
+    jobs = []
+    for job in plan:
+        outputs = _files(job["output"])
+        meta = wf / ".snakemake" / "metadata" / base64.b64encode(outputs[0].encode()).decode()
+        params = json.loads(meta.read_text())["params"]
+        codes = [m.group(1) for p in params if (m := re.fullmatch(r"'code:(\w+)'", p))]
+        assert len(codes) == 1, f"{job['rule']} {outputs[0]}: code param {codes}"
+        closure = (wf / ".snakemake" / "code" / f"{codes[0]}.txt").read_text().split("\n")
+        jobs.append(
+            Job(
+                job["rule"],
+                outputs,
+                _files(job["input"]),
+                job["wildcards"],
+                {line.split(" ")[0] for line in closure if line},
+                codes[0],
+            )
+        )
+    return wf, jobs
+
+
+# -- edits ------------------------------------------------------------------------------------
+def module_file(wf: Path, module: str) -> Path:
+    path = wf.joinpath("src", *module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def editable_functions(wf: Path, unit: str) -> list[str]:
+    """Qualified names of the functions (or methods) of a unit ``module:name`` that an edit can
+    enter: a body statement on a line of its own after the docstring."""
+    module, name = unit.split(":")
+    if not module.startswith("pipeline.") or name.startswith("<") or "." in name:
+        return []
+    for node in ast.parse(module_file(wf, module).read_text()).body:
+        if getattr(node, "name", None) != name:
+            continue
+        if isinstance(node, ast.FunctionDef):
+            return [name] if _insertion(node) else []
+        if isinstance(node, ast.ClassDef):
+            return [
+                f"{name}.{f.name}"
+                for f in node.body
+                if isinstance(f, ast.FunctionDef) and _insertion(f)
+            ]
+    return []
+
+
+def _insertion(fn: ast.FunctionDef) -> tuple[int, int] | None:
+    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+    if not body:
+        return None
+    stmt = body[0]
+    line = min([stmt.lineno] + [d.lineno for d in getattr(stmt, "decorator_list", [])])
+    return (line, stmt.col_offset) if line > fn.lineno and line > fn.body[0].lineno - 1 else None
+
+
+def _function(text: str, qualname: str) -> ast.FunctionDef:
+    body = ast.parse(text).body
+    for part in qualname.split("."):
+        node = next(n for n in body if getattr(n, "name", None) == part)
+        body = node.body
+    return node
+
+
+def code_edit(text: str, qualname: str) -> str:
+    line, col = _insertion(_function(text, qualname))
+    lines = text.splitlines(keepends=True)
+    lines.insert(line - 1, " " * col + "_edited = 1\n")
+    return "".join(lines)
+
+
+def docstring_edit(text: str, qualname: str) -> str:
+    fn = _function(text, qualname)
+    lines = text.splitlines(keepends=True)
+    i = fn.body[0].lineno - 1
+    quote = lines[i].index('"""')
+    lines[i] = lines[i][: quote + 3] + "Edited. " + lines[i][quote + 3 :]
+    lines.insert(fn.lineno - 1, " " * fn.col_offset + "# a comment\n")
+    return "".join(lines)
+
+
+class Edits:
+    """Edits to the copy's sources, undone on exit."""
+
+    def __init__(self, wf: Path):
+        self.wf, self.saved = wf, {}
+
+    def apply(self, module: str, edit, *args) -> None:
+        path = module_file(self.wf, module)
+        text = path.read_text()
+        self.saved.setdefault(path, text)
+        path.write_text(edit(text, *args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for path, text in self.saved.items():
+            path.write_text(text)
+
+
+# -- checks -----------------------------------------------------------------------------------
+def downstream(jobs: list[Job], changed: list[Job]) -> list[Job]:
+    """Every job that reads, directly or not, an output of a changed job (changed excluded)."""
+    reached = {id(j) for j in changed}
+    outputs = {o for j in changed for o in j.outputs}
+    grew = True
+    while grew:
+        grew = False
+        for job in jobs:
+            if id(job) not in reached and any(i in outputs for i in job.inputs):
+                reached.add(id(job))
+                outputs.update(job.outputs)
+                grew = True
+    return [j for j in jobs if id(j) in reached and j not in changed]
+
+
+def check_dry_run(wf: Path, jobs: list[Job], units: list[str], what: str) -> None:
+    """The dry run after editing ``units`` lists their holders (code changed, exactly those
+    units' lines differ) and the holders' downstream (updated inputs), and no other job."""
+    holders = [j for j in jobs if any(u in j.closure for u in units)]
+    expected = holders + downstream(jobs, holders)
+    out = snakemake(wf, "-n").stdout
+    if not expected:
+        assert "Nothing to be done" in out, f"{what}: expected no job"
+        return
+    listed = {_files(j["output"])[0]: j for j in parse_jobs(out) if j["rule"] != "all"}
+    want = {j.outputs[0]: j for j in expected}
+    assert set(listed) == set(want), (
+        f"{what}: unexpected {sorted(set(listed) - set(want))}, "
+        f"missing {sorted(set(want) - set(listed))}"
+    )
+    code = wf / ".snakemake" / "code"
+    for out_file, job in want.items():
+        reason = listed[out_file]["reason"]
+        if job in holders:
+            m = re.search(r"before: 'code:(\w+)' now: 'code:(\w+)'", reason)
+            assert m and m.group(1) == job.code, f"{what}: {out_file}: {reason}"
+            old = set((code / f"{m.group(1)}.txt").read_text().splitlines())
+            new = set((code / f"{m.group(2)}.txt").read_text().splitlines())
+            assert {line.split(" ")[0] for line in old ^ new} == set(units) & job.closure, what
+        else:
+            assert reason.startswith("Input files updated by another job"), f"{what}: {reason}"
+
+
+def sample_edits(wf: Path, jobs: list[Job]) -> list[tuple[str, str]]:
+    """``(unit, qualname)``: the cases of issue 12, then for one job of each category (training,
+    each metric's cache, several figure kinds, one rule per science) a function of its closure,
+    drawn with weight 1 / (number of jobs whose closure holds it), fixed seed."""
+    rng = random.Random(SEED)
+    holders: dict[str, int] = {}
+    for job in jobs:
+        for unit in job.closure:
+            holders[unit] = holders.get(unit, 0) + 1
+    edits = [
+        ("pipeline.mechanics.theory:discrete_sgd", "discrete_sgd"),  # reached as theory.f()
+        ("pipeline.plots.mechanics:conservation", "conservation"),
+        ("pipeline.mechanics.cache:cache_metric", "cache_metric"),
+        ("pipeline.train.loop:train_run", "train_run"),
+    ]
+    categories: dict[str, list[Job]] = {}
+    for job in jobs:
+        rule = re.sub(r"_chunk\d+$", "", job.rule)
+        key = rule if rule.startswith(("train", "zoo_")) else job.rule
+        if job.rule == "cache":
+            key = job.wildcards
+        categories.setdefault(key, []).append(job)
+    kinds = yaml.safe_load((wf / "config" / "config.yaml").read_text())
+    kind = {
+        fig: spec["kind"]
+        for s in kinds["studies"].values()
+        for fig, spec in s.get("figures", {}).items()
+    }
+    plots = categories.pop("plot")
+    by_kind: dict[str, Job] = {}
+    for job in plots:
+        by_kind.setdefault(kind[job.outputs[0].split("/")[-1][: -len(".pdf")]], job)
+    for name in rng.sample(sorted(by_kind), 6):
+        categories[f"plot {name}"] = [by_kind[name]]
+    for key in sorted(categories):
+        job = rng.choice(categories[key])
+        units = sorted(u for u in job.closure if editable_functions(wf, u))
+        unit = rng.choices(units, weights=[1 / holders[u] for u in units])[0]
+        edits.append((unit, rng.choice(editable_functions(wf, unit))))
+    return edits[:38]
+
+
+def test_each_edit_reruns_exactly_its_jobs_and_their_downstream(done):
+    wf, jobs = done
+    edits = sample_edits(wf, jobs)
+    groups: list[list[tuple[str, str]]] = []  # edits whose holders are disjoint share a dry run
+    held = {u: {id(j) for j in jobs if u in j.closure} for u, _ in edits}
+    for unit, qualname in edits:
+        for group in groups:
+            if all(not (held[unit] & held[u]) and u != unit for u, _ in group):
+                group.append((unit, qualname))
+                break
+        else:
+            groups.append([(unit, qualname)])
+    assert len(edits) >= 30
+    for group in groups:
+        with Edits(wf) as edit:
+            for unit, qualname in group:
+                edit.apply(unit.split(":")[0], code_edit, qualname)
+            check_dry_run(wf, jobs, [u for u, _ in group], f"edits {group}")
+    assert "Nothing to be done" in snakemake(wf, "-n").stdout
+
+
+def test_docstring_edits_and_edits_outside_every_closure_rerun_nothing(done):
+    wf, jobs = done
+    rng = random.Random(SEED)
+    reached = set().union(*(j.closure for j in jobs))
+    modules = sorted({u.split(":")[0] for u in reached if u.startswith("pipeline.")})
+    outside, documented = [], []
+    for module in modules:
+        lines = module_file(wf, module).read_text().splitlines()
+        for node in ast.parse("\n".join(lines)).body:
+            if isinstance(node, ast.FunctionDef) and _insertion(node):
+                if f"{module}:{node.name}" not in reached:
+                    outside.append((module, node))
+                elif ast.get_docstring(node) and '"""' in lines[node.body[0].lineno - 1]:
+                    documented.append((module, node))
+    assert outside, "every function is in some job's closure"
+    with Edits(wf) as edit:
+        for module, node in rng.sample(outside, 5):
+            edit.apply(module, code_edit, node.name)
+        for module, node in rng.sample(documented, 10):
+            edit.apply(module, docstring_edit, node.name)
+        check_dry_run(wf, jobs, [], "docstring edits and edits outside every closure")
+
+
+def test_a_hyperparameter_default_reruns_only_the_jobs_that_read_it(done):
+    wf, jobs = done
+    anchor = '    mechanics: bool = _h("log the per-step per-neuron trace'
+    with Edits(wf) as edit:  # a new field with a default: nothing
+        edit.apply(
+            "pipeline.config",
+            lambda t: t.replace(
+                anchor, '    label_noise: float = _h("noise", default=0.0)\n' + anchor
+            ),
+        )
+        check_dry_run(wf, jobs, [], "a new hyperparameter")
+    field_ = "pipeline.config:TrainHparams.plateau_patience"
+    readers = [j for j in jobs if field_ in j.closure]
+    assert {j.rule for j in readers} >= {"train", "train_traced"}
+    with Edits(wf) as edit:  # a changed default: the jobs whose code reads the field
+        drop = 'before a drop", default=10)'
+        edit.apply("pipeline.config", lambda t: t.replace(drop, drop.replace("10", "11")))
+        check_dry_run(wf, jobs, [field_], "a changed default")
