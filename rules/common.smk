@@ -1,5 +1,6 @@
 # All the Python of the workflow: config validation, wildcard constraints, input functions.
 # Cheap at parse time: no torch, no file reads beyond the config (dry runs of 10,000 jobs).
+import inspect
 import os
 import re
 import sys
@@ -109,6 +110,21 @@ TRAIN_CHUNKS = [chunk for study in CHUNKED for chunk in _chunks(study)]
 
 
 # -- code fingerprints (the rule: pipeline/fingerprint.py, README "Re-runs") -------------------
+try:
+    from snakemake.common import overwrite_function_params
+except ImportError:  # another Snakemake: its param functions are only slower
+
+    def overwrite_function_params(func, params):
+        pass
+
+
+def per_job(fn):
+    """``fn``, a param function, with its signature precomputed: Snakemake inspects it three
+    times per job otherwise (seconds in a dry run of 10,000 jobs)."""
+    overwrite_function_params(fn, inspect.signature(fn).parameters)
+    return fn
+
+
 SCRIPTS = os.path.join(workflow.basedir, "workflow", "scripts")
 #: each fingerprint's closure, as <fingerprint>.txt: `diff` two to see what an edit changed
 CODE_RECORDS = os.path.join(".snakemake", "code")
@@ -153,7 +169,7 @@ def code(script, config=None, **choose):
             cfg = study_config(wildcards.study)
         return fingerprint(script, cfg, {k: f(wildcards) for k, f in choose.items()})
 
-    return param
+    return per_job(param)
 
 
 def tracks_code(study):
@@ -170,6 +186,7 @@ def training_code(study, runs, script):
 
 
 # -- train ------------------------------------------------------------------------------------
+@per_job
 def train_params(wildcards):
     """Only the non-default hyperparameters: a new field with a default re-runs nothing."""
     return PLAN.run(wildcards.study, wildcards.run).nondefault
@@ -179,12 +196,13 @@ def study_resources(wildcards, key, default):
     return PLAN.study(wildcards.study).get("resources", {}).get(key, default)
 
 
+@per_job
 def train_code(wildcards):
     return training_code(wildcards.study, [PLAN.run(wildcards.study, wildcards.run)], "train.py")
 
 
 def chunk_code(study, runs):
-    return lambda wildcards: training_code(study, runs, "train_chunk.py")
+    return per_job(lambda wildcards: training_code(study, runs, "train_chunk.py"))
 
 
 def train_threads(wildcards):
@@ -312,7 +330,7 @@ def zoo_code(study, zoo):
         value = fingerprint("zoo_train.py", zoo_study.zoo_hparams(PLAN.study(study), zoo))
         return value if tracks_code(study) else Untracked(value)
 
-    return param
+    return per_job(param)
 
 
 def stitching_type(wildcards):

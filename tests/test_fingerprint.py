@@ -11,10 +11,12 @@ import ast
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 from inspect import CO_NEWLOCALS
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -398,3 +400,92 @@ def covered(ran: set[str], target: str, config=None, **choose) -> None:
 
 def io_read(root: Path) -> dict:
     return json.loads((root / "summary.json").read_text())
+
+
+# -- training that does not re-run on code changes ------------------------------------------------
+def test_stale_lists_the_frozen_jobs_whose_code_changed_and_accept_keeps_mtimes(
+    tmp_path, monkeypatch, capsys
+):
+    from pipeline import stale
+    from pipeline.zoo import study as zoo_study
+
+    model = {"name": "mlp", "widths": [4]}
+    config = {
+        "studies": {
+            "frozen": {
+                "kind": "train",
+                "dataset": {"name": "digits"},
+                "model": model,
+                "seeds": [0, 1, 2, 3],
+                "rerun_on_code_change": False,
+            },
+            "tracked": {"kind": "train", "dataset": {"name": "digits"}, "model": model},
+            "zoo": {
+                "kind": "modelsym",
+                "dataset": {"name": "digits"},
+                "rerun_on_code_change": False,
+                "zoos": {"z": {"model": model, "seeds": [0, 1], "vectorised": True}},
+            },
+        }
+    }
+    plan = cfg.Plan.from_config(config)
+    runs = plan.runs["frozen"]
+    current = fp.code_fingerprint("pipeline.runs:train", runs[0].hparams)
+    for run, code in zip(runs[:3], [current, "0" * 16, None], strict=True):  # runs[3]: untrained
+        summary = tmp_path / "results" / "frozen" / "runs" / run.name / "summary.json"
+        summary.parent.mkdir(parents=True)
+        summary.write_text(json.dumps({"status": "completed"} | ({"code": code} if code else {})))
+    tracked = tmp_path / "results" / "tracked" / "runs" / plan.runs["tracked"][0].name
+    tracked.mkdir(parents=True)
+    (tracked / "summary.json").write_text(json.dumps({"code": "0" * 16}))  # Snakemake's business
+    chunk = tmp_path / "results" / "zoo" / "zoo" / "z" / "chunk~0" / "summary.json"
+    chunk.parent.mkdir(parents=True)
+    chunk.write_text(json.dumps({"code": "1" * 16}))
+    assert zoo_study.chunks(plan.study("zoo"), "z") == [[0, 1]]
+
+    found = stale.stale_jobs(plan, tmp_path)
+    assert [job.output for job in found] == [
+        f"results/frozen/runs/{runs[1].name}/final.pt",
+        f"results/frozen/runs/{runs[2].name}/final.pt",
+        "results/zoo/zoo/z/chunk~0/summary.json",
+    ]
+    assert [job.recorded for job in found] == ["0" * 16, None, "1" * 16]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    stale.main(["--configfile", "config.yaml"])
+    out = capsys.readouterr()
+    assert out.out.split() == [job.output for job in found]
+    assert "3 stale training job(s)" in out.err and "1 trained before" in out.err
+    before = [job.summary.stat().st_mtime_ns for job in found]
+    stale.main(["--configfile", "config.yaml", "--accept"])
+    assert [job.summary.stat().st_mtime_ns for job in found] == before  # nothing downstream moves
+    assert stale.stale_jobs(plan, tmp_path) == []
+
+
+# -- every rule carries its code ----------------------------------------------------------------
+#: param helpers (rules/common.smk) that name their script themselves
+TRAINING_HELPERS = {
+    "train_code": "train.py",
+    "chunk_code": "train_chunk.py",
+    "zoo_code": "zoo_train.py",
+}
+
+
+def test_every_rule_with_a_script_has_the_code_param_of_that_script():
+    blocks = []
+    for smk in sorted((ROOT / "rules").glob("*.smk")):
+        text = smk.read_text()
+        starts = [m.start() for m in re.finditer(r"^\s*(?:use rule|rule)\b.*:\s*$", text, re.M)]
+        blocks += [(smk.name, text[a:b]) for a, b in pairwise([*starts, len(text)])]
+    checked = 0
+    for name, block in blocks:
+        script = re.search(r'script:\s*"\.\./workflow/scripts/([\w.]+)"', block)
+        if script is None:
+            continue
+        code = re.search(r'code=(?:code\("([\w.]+)"|(\w+))', block)
+        header = block.strip().splitlines()[0]
+        assert code, f"{name}: {header} runs {script.group(1)} but has no code= param"
+        named = code.group(1) or TRAINING_HELPERS.get(code.group(2))
+        assert named == script.group(1), f"{name}: {header}: code names {named}"
+        checked += 1
+    assert checked >= 25

@@ -7,7 +7,9 @@ job (and, through its inputs, everything downstream) exactly when that code chan
   the code uses that resolves into ``pipeline``: same-module definitions, ``from pipeline... import
   name``, ``module.name`` and ``package.module.name`` through imported modules, imports inside
   functions, decorators, base classes and module-level constants. A class counts whole (its methods
-  too), so a method called on an instance is covered when the class is reached by name.
+  too), so a method called on an instance is covered when the class is reached by name. A module
+  reached counts with what importing it runs (its module-level statements that call code, and
+  the code its decorators call). This module itself never counts: it changes no result.
 - **Registries.** ``registry.get(name)`` reaches the entries the job's configuration selects: for
   each registry, the entries named by the rule (e.g. the cache rule's metric), else the entries
   whose names appear as strings in the job's configuration (a run's hyperparameters, a study's
@@ -646,13 +648,32 @@ def _registry_names() -> frozenset[str]:
     return frozenset(names)
 
 
+_SCALARS = (int, float, bool, type(None))
+_SEQUENCES = (list, tuple, set, frozenset)
+
+
 def strings(value) -> set[str]:
     """Every string (dict keys included) in a nested configuration value."""
     out: set[str] = set()
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, str):
+        kind = type(item)
+        if kind is dict:  # the common case first: a parsed YAML/JSON value
+            for key, sub in item.items():
+                if type(key) is str:
+                    out.add(key)
+                if type(sub) is str:
+                    out.add(sub)
+                elif type(sub) not in _SCALARS:
+                    stack.append(sub)
+        elif kind in _SEQUENCES:
+            for sub in item:
+                if type(sub) is str:
+                    out.add(sub)
+                elif type(sub) not in _SCALARS:
+                    stack.append(sub)
+        elif isinstance(item, str):
             out.add(item)
         elif isinstance(item, Mapping):
             out.update(k for k in item if isinstance(k, str))
