@@ -361,3 +361,18 @@ def test_frozen_training_reruns_on_no_code_change(done, tmp_path):
     with Edits(wf) as edit:
         edit.apply("pipeline.train.loop", code_edit, "train_run")
         check_dry_run(wf, jobs, ["pipeline.train.loop:train_run"], "frozen mechanics", frozen)
+
+
+def test_a_missing_name_stops_the_dry_run_naming_module_and_name(done):
+    wf, _ = done
+    with Edits(wf) as edit:
+        edit.apply(
+            "pipeline.mechanics.metrics",
+            lambda t: t.replace("theory.discrete_sgd(", "theory.discrete_sgdd(", 1),
+        )
+        proc = snakemake(wf, "-n", check=False)
+    assert proc.returncode != 0
+    assert (
+        "code fingerprint of workflow/scripts/cache.py: pipeline.mechanics.metrics: "
+        "theory.discrete_sgdd: module pipeline.mechanics.theory has no name 'discrete_sgdd'"
+    ) in proc.stdout + proc.stderr

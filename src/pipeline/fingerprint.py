@@ -77,12 +77,36 @@ class Untracked:
 
 
 # -- one module's analysis (cached on disk) ------------------------------------------------------
+_BODIES = tuple(
+    getattr(ast, kind)
+    for kind in (
+        "Module",
+        "FunctionDef",
+        "AsyncFunctionDef",
+        "ClassDef",
+        "If",
+        "For",
+        "AsyncFor",
+        "While",
+        "With",
+        "AsyncWith",
+        "Try",
+        "TryStar",
+        "ExceptHandler",
+        "match_case",
+    )
+    if hasattr(ast, kind)
+)
+
+
 def _strip_strings(tree: ast.AST) -> None:
     """Remove docstrings and other bare string statements (no-ops) from every body, in place."""
     for node in ast.walk(tree):
+        if not isinstance(node, _BODIES):
+            continue
         for attr in ("body", "orelse", "finalbody"):
             body = getattr(node, attr, None)
-            if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
+            if not body:
                 continue
             kept = [
                 s
@@ -172,7 +196,7 @@ def _unit(nodes: list[ast.AST], package: str) -> dict:
     by code that mentions it so); ``strs``: the name-like string constants alone (they select
     registry entries, e.g. a default dataset name).
     """
-    texts, refs, ids, strs, bound, local, fields = [], [], set(), set(), set(), {}, {}
+    texts, refs, ids, strs, bound, local, fields = [], set(), set(), set(), set(), {}, {}
     for node in nodes:
         walked = [node]
         if _is_hparams(node):
@@ -187,7 +211,7 @@ def _unit(nodes: list[ast.AST], package: str) -> dict:
             walked = [node]
             for s in declared:  # what the declarations call, and default names, still count
                 if s.value is not None:
-                    refs.extend(_refs(s.value))
+                    refs.update((k, tuple(r) if k == "c" else r) for k, r in _refs(s.value))
                     strs.update(
                         c.value
                         for c in ast.walk(s.value)
@@ -197,26 +221,31 @@ def _unit(nodes: list[ast.AST], package: str) -> dict:
                     )
         texts.append(ast.unparse(node))
         for sub in (x for w in walked for x in ast.walk(w)):
-            if isinstance(sub, ast.Import | ast.ImportFrom):
-                local.update(_import_targets(sub, package))
-            elif isinstance(sub, ast.Attribute):
+            kind = type(sub)
+            if kind is ast.Name:
+                refs.add(("n", sub.id))
+                if type(sub.ctx) is not ast.Load:
+                    bound.add(sub.id)
+            elif kind is ast.Attribute:
                 ids.add(sub.attr)
-            elif isinstance(sub, ast.keyword) and sub.arg:
-                ids.add(sub.arg)
-            elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
-                if _NAMELIKE.fullmatch(sub.value):
+                chain = _chain(sub)
+                if chain is not None:
+                    refs.add(("c", tuple(chain)))
+            elif kind is ast.Constant:
+                if type(sub.value) is str and _NAMELIKE.fullmatch(sub.value):
                     strs.add(sub.value)
-            elif isinstance(sub, ast.arg):
+            elif kind is ast.keyword:
+                if sub.arg:
+                    ids.add(sub.arg)
+            elif kind is ast.arg:
                 bound.add(sub.arg)
-            elif isinstance(sub, ast.Name) and not isinstance(sub.ctx, ast.Load):
-                bound.add(sub.id)
-            elif isinstance(sub, ast.ExceptHandler) and sub.name:
+            elif kind is ast.Import or kind is ast.ImportFrom:
+                local.update(_import_targets(sub, package))
+            elif kind is ast.ExceptHandler and sub.name:
                 bound.add(sub.name)
-        refs.extend(_refs(node))
-    unique = list({json.dumps(r): r for r in refs}.values())
     return {
         "hash": _digest("\n".join(texts)),
-        "refs": unique,
+        "refs": sorted([kind, list(ref) if kind == "c" else ref] for kind, ref in refs),
         "ids": sorted(ids),
         "strs": sorted(strs),
         "bound": sorted(bound),
