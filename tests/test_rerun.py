@@ -267,7 +267,8 @@ def sample_edits(wf: Path, jobs: list[Job]) -> list[tuple[str, str]]:
         categories[f"plot {name}"] = [by_kind[name]]
     for key in sorted(categories):
         job = rng.choice(categories[key])
-        units = sorted(u for u in job.closure if editable_functions(wf, u))
+        chosen = {u for u, _ in edits}
+        units = sorted(u for u in job.closure if editable_functions(wf, u) and u not in chosen)
         unit = rng.choices(units, weights=[1 / holders[u] for u in units])[0]
         edits.append((unit, rng.choice(editable_functions(wf, unit))))
     return edits[:38]
