@@ -2,7 +2,7 @@
 
 Edits go to a private copy of ``src/pipeline`` and ``workflow/scripts``; every check compares the
 fingerprints of a set of jobs (the default config's scripts, with their configurations) before and
-after. The workflow-level checks (a dry run after each edit) are in test_workflow.py.
+after. The workflow-level checks (a dry run after each edit) are in test_rerun.py.
 """
 
 from __future__ import annotations

@@ -358,8 +358,7 @@ def test_frozen_training_reruns_on_no_code_change(done, tmp_path):
         if job["rule"] == "train_traced":
             assert re.search(r"before: 'code:\w+' now: <nothing exclusive>", job["reason"])
     snakemake(wf, "--touch", "--cores", "1", "--quiet")
-    assert "Nothing to be done" in snakemake(wf, "-n").stdout
-    with Edits(wf) as edit:
+    with Edits(wf) as edit:  # (a touch that recorded nothing would list the mechanics runs here)
         edit.apply("pipeline.train.loop", code_edit, "train_run")
         check_dry_run(wf, jobs, ["pipeline.train.loop:train_run"], "frozen mechanics", frozen)
 
