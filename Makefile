@@ -11,7 +11,7 @@ CORES ?= all
 XLA_VENV := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.installed
 
-.PHONY: default test test-thorough test-slurm test-xla lint resume report bench clean help
+.PHONY: default test test-thorough test-slurm test-xla lint resume report bench clean help stale
 
 help:
 	@grep -E '^#   make' Makefile | sed 's/^#   //'
@@ -64,6 +64,12 @@ RESUME_ARGS = $(if $(CONFIG),--configfile $(CONFIG)) $(TARGET)
 resume: $(STAMP)
 	$(BIN)/snakemake --unlock $(RESUME_ARGS)
 	$(BIN)/snakemake --profile $(PROFILE) $(RESUME_ARGS)
+
+# Trained runs whose code changed, in studies with rerun_on_code_change: false (one output per
+# line; force them with: snakemake --cores all --forcerun $$(make -s stale)). CONFIG=path for
+# another config; ACCEPT=1 records today's code as theirs instead (re-runs nothing).
+stale: $(STAMP)
+	@$(BIN)/python -m pipeline.stale $(if $(CONFIG),--configfile $(CONFIG)) $(if $(ACCEPT),--accept)
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --report results/report.html

@@ -1,5 +1,6 @@
 # All the Python of the workflow: config validation, wildcard constraints, input functions.
 # Cheap at parse time: no torch, no file reads beyond the config (dry runs of 10,000 jobs).
+import inspect
 import os
 import re
 import sys
@@ -9,6 +10,7 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from pipeline.config import ConfigError, Plan  # noqa: E402
 from pipeline.metrics import register_metric  # noqa: E402
+from pipeline.fingerprint import CodeError, Untracked, code_fingerprint, strings  # noqa: E402
 from pipeline.registry import source_constant, source_fingerprint  # noqa: E402
 
 try:
@@ -107,7 +109,84 @@ def _chunks(study):
 TRAIN_CHUNKS = [chunk for study in CHUNKED for chunk in _chunks(study)]
 
 
+# -- code fingerprints (the rule: pipeline/fingerprint.py, README "Re-runs") -------------------
+try:
+    from snakemake.common import overwrite_function_params
+except ImportError:  # another Snakemake: its param functions are only slower
+
+    def overwrite_function_params(func, params):
+        pass
+
+
+def per_job(fn):
+    """``fn``, a param function, with its signature precomputed: Snakemake inspects it three
+    times per job otherwise (seconds in a dry run of 10,000 jobs)."""
+    overwrite_function_params(fn, inspect.signature(fn).parameters)
+    return fn
+
+
+SCRIPTS = os.path.join(workflow.basedir, "workflow", "scripts")
+#: each fingerprint's closure, as <fingerprint>.txt: `diff` two to see what an edit changed
+CODE_RECORDS = os.path.join(".snakemake", "code")
+_STUDY_CONFIG = {}
+
+
+def study_config(study):
+    """A study's block and the blocks of the studies it names (e.g. a recovery teacher's): the
+    configuration whose names select the registry entries (models, datasets...) of its jobs."""
+    if study not in _STUDY_CONFIG:
+        seen, todo = [], [study]
+        while todo:
+            name = todo.pop()
+            if name not in seen:
+                seen.append(name)
+                todo += [s for s in strings(PLAN.study(name)) if s in PLAN.runs]
+        _STUDY_CONFIG[study] = frozenset(s for name in seen for s in strings(PLAN.study(name)))
+    return _STUDY_CONFIG[study]
+
+
+def fingerprint(script, config, choose=None):
+    """``"code:<hash>"`` of the pipeline code ``script`` runs (a WorkflowError if it names code
+    that does not exist)."""
+    try:
+        path = os.path.join(SCRIPTS, script)
+        return "code:" + code_fingerprint(path, config, record=CODE_RECORDS, **(choose or {}))
+    except CodeError as err:
+        raise WorkflowError(f"code fingerprint of workflow/scripts/{script}: {err}") from None
+
+
+def code(script, config=None, **choose):
+    """A rule's ``code`` param: a function of the wildcards giving :func:`fingerprint`.
+
+    ``config``: the job's configuration (a value, or a function of the wildcards; default: the
+    study's, see :func:`study_config`); ``choose``: registry -> a function of the wildcards
+    giving the entry the job uses (e.g. ``register_metric=lambda w: w.metric``).
+    """
+
+    def param(wildcards):
+        cfg = config(wildcards) if callable(config) else config
+        if cfg is None and "study" in wildcards.keys():
+            cfg = study_config(wildcards.study)
+        return fingerprint(script, cfg, {k: f(wildcards) for k, f in choose.items()})
+
+    return per_job(param)
+
+
+def tracks_code(study):
+    """False for a study with ``rerun_on_code_change: false``: its training jobs get their code
+    fingerprint as an :class:`Untracked` value, which Snakemake neither records nor compares."""
+    return PLAN.study(study).get("rerun_on_code_change", True)
+
+
+def training_code(study, runs, script):
+    """The ``code`` param of a job training ``runs`` (their hyperparameters select the model,
+    dataset and extension entries)."""
+    value = fingerprint(script, [r.hparams for r in runs])
+    return value if tracks_code(study) else Untracked(value)
+
+
 # -- train ------------------------------------------------------------------------------------
+@per_job
 def train_params(wildcards):
     """Only the non-default hyperparameters: a new field with a default re-runs nothing."""
     return PLAN.run(wildcards.study, wildcards.run).nondefault
@@ -115,6 +194,15 @@ def train_params(wildcards):
 
 def study_resources(wildcards, key, default):
     return PLAN.study(wildcards.study).get("resources", {}).get(key, default)
+
+
+@per_job
+def train_code(wildcards):
+    return training_code(wildcards.study, [PLAN.run(wildcards.study, wildcards.run)], "train.py")
+
+
+def chunk_code(study, runs):
+    return per_job(lambda wildcards: training_code(study, runs, "train_chunk.py"))
 
 
 def train_threads(wildcards):
@@ -140,10 +228,6 @@ def cache_inputs(wildcards):
 
 def cache_runs(wildcards):
     return [r.name for r in PLAN.runs[wildcards.study]]
-
-
-def metric_fingerprint(wildcards):
-    return register_metric.fingerprint(wildcards.metric)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -187,11 +271,6 @@ def grid_inputs(wildcards):
 def interpolation_inputs(wildcards):
     dirs = list(run_dirs(wildcards.study).values())[:2]
     return [f"{d}/final.pt" for d in dirs]
-
-
-def analysis_fingerprint(wildcards):
-    _, module, function = ANALYSIS_TABLES[PLAN.study(wildcards.study)["kind"]]
-    return source_fingerprint(module, function)
 
 
 # -- modelsym: zoos, features, alignment, stitching --------------------------------------------
@@ -242,6 +321,20 @@ def pair_files(part, keys):
         return sorted({e[k] for e in entries for k in keys})
 
     return inputs
+
+
+def zoo_code(study, zoo):
+    """A vectorised zoo job's ``code`` param (its training: see :func:`tracks_code`)."""
+
+    def param(wildcards):
+        value = fingerprint("zoo_train.py", zoo_study.zoo_hparams(PLAN.study(study), zoo))
+        return value if tracks_code(study) else Untracked(value)
+
+    return per_job(param)
+
+
+def stitching_type(wildcards):
+    return PLAN.study(wildcards.study)["stitching"]["types"][wildcards.stitch]["type"]
 
 
 def rotation_members(wildcards):

@@ -17,7 +17,7 @@ rule masks_train:
         study=_alternatives(MASKS),
     params:
         spec=masks_spec,
-        fingerprint=source_fingerprint("pipeline.masks.study", "train_stages"),
+        code=code("masks_train.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -45,7 +45,7 @@ rule masks_analyse:
         study=_alternatives(MASKS),
     params:
         spec=masks_spec,
-        fingerprint=source_fingerprint("pipeline.masks.study", "analyse"),
+        code=code("masks_analyse.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: 1
@@ -70,6 +70,8 @@ rule masks_collect:
         "results/{study}/benchmarks/masks_collect.tsv"
     wildcard_constraints:
         study=_alternatives(MASKS),
+    params:
+        code=code("masks_collect.py"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -94,7 +96,7 @@ rule masks_transfer:
         study=_alternatives(TRANSFER),
     params:
         study=lambda w: PLAN.study(w.study),
-        fingerprint=source_fingerprint("pipeline.masks.study", "run_transfer"),
+        code=code("masks_transfer.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads

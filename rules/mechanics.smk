@@ -1,6 +1,6 @@
 # Extract (checkpoints -> HDF5 time series) and the metric cache (one table per study and
-# metric). The cache rule's fingerprint param changes when, and only when, the metric's own
-# source (or a pipeline helper it calls) changes.
+# metric). Like every rule's, the cache rule's `code` param changes when, and only when, the code
+# the job runs changes: here the metric's own code, not the other metrics' (common.smk: code).
 
 
 rule extract:
@@ -13,6 +13,8 @@ rule extract:
         "results/{study}/logs/extract/{run}.log",
     benchmark:
         "results/{study}/benchmarks/extract/{run}.tsv"
+    params:
+        code=code("extract.py"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -35,7 +37,7 @@ rule cache:
     benchmark:
         "results/{study}/benchmarks/cache/{metric}.tsv"
     params:
-        fingerprint=metric_fingerprint,
+        code=code("cache.py", register_metric=lambda w: w.metric),
         runs=cache_runs,
     threads: 1
     resources:

@@ -20,6 +20,7 @@ for study, zoo, chunk, seeds in ZOO_CHUNKS:
         params:
             hparams=zoo_study.zoo_hparams(PLAN.study(study), zoo),
             seeds=seeds,
+            code=zoo_code(study, zoo),
             device=DEVICE,
             data_dir=config.get("data_dir", "data"),
         threads: PLAN.study(study).get("resources", {}).get("threads", max(THREADS, 2))
@@ -46,6 +47,8 @@ rule zoo_select:
     wildcard_constraints:
         study=_alternatives(MODELSYM),
         seed=r"\d+",
+    params:
+        code=code("zoo_select.py"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -73,6 +76,7 @@ for study in MODELSYM:
                 f"results/{study}/benchmarks/features/{zoo}.tsv"
             params:
                 probe=PLAN.study(study).get("probe", {}),
+                code=code("zoo_features.py", study_config(study)),
                 device=DEVICE,
                 data_dir=config.get("data_dir", "data"),
             threads: 1
@@ -101,7 +105,7 @@ rule alignment:
     params:
         entries=lambda w: pair_entries(w.study, "alignment"),
         options=lambda w: PLAN.study(w.study)["alignment"]["metrics"][w.similarity],
-        fingerprint=lambda w: register_similarity.fingerprint(w.similarity),
+        code=code("alignment.py", register_similarity=lambda w: w.similarity),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: 1
@@ -131,10 +135,7 @@ rule stitching:
         entries=lambda w: pair_entries(w.study, "stitching"),
         layers=lambda w: PLAN.study(w.study)["stitching"].get("layers", "activations"),
         settings=lambda w: PLAN.study(w.study)["stitching"].get("settings", {}),
-        fingerprint=lambda w: register_stitching_layer.fingerprint(
-            PLAN.study(w.study)["stitching"]["types"][w.stitch]["type"]
-        )
-        + source_fingerprint("pipeline.stitching.train", "stitch_pair"),
+        code=code("stitching.py", register_stitching_layer=stitching_type),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -162,7 +163,7 @@ rule rotation:
     params:
         members=rotation_members,
         options=lambda w: PLAN.study(w.study)["rotation"],
-        fingerprint=source_fingerprint("pipeline.stitching.rotation", "rotation_control"),
+        code=code("rotation.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -190,6 +191,8 @@ rule modelsym_collect:
     wildcard_constraints:
         study=_alternatives(MODELSYM),
         part="alignment|stitching",
+    params:
+        code=code("modelsym_collect.py"),
     threads: 1
     resources:
         mem_mb=2000,

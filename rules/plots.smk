@@ -21,6 +21,7 @@ rule plot:
         kind=lambda w: figure_spec(w)["kind"],
         caption=lambda w: figure_spec(w).get("caption", w.figure),
         versions=VERSIONS,
+        code=code("plot.py", register_figure=lambda w: figure_spec(w)["kind"]),
     threads: 1
     resources:
         mem_mb=4000,

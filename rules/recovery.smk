@@ -21,7 +21,7 @@ rule recovery_expand:
         teacher=resolved_teacher,
         probe=lambda w: problem(w)["probe"],
         expand=lambda w: problem(w)["expand"],
-        fingerprint=source_fingerprint("pipeline.recovery.study", "run_expand"),
+        code=code("recovery_expand.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -55,7 +55,7 @@ rule recovery_cluster:
         probe=lambda w: problem(w)["probe"],
         cluster=lambda w: problem(w)["cluster"],
         tolerance=lambda w: PLAN.study(w.study).get("tolerance", 1e-3),
-        fingerprint=source_fingerprint("pipeline.recovery.study", "run_cluster"),
+        code=code("recovery_cluster.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -81,6 +81,8 @@ rule recovery_collect:
     wildcard_constraints:
         study=_alternatives(RECOVERY),
         table="|".join(RECOVERY_TABLES),
+    params:
+        code=code("collect.py"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -106,7 +108,7 @@ rule recovery_lottery:
         probe=lambda w: problem(w)["probe"],
         expand=lambda w: problem(w)["expand"],
         lottery=lottery_settings,
-        fingerprint=source_fingerprint("pipeline.recovery.study", "run_student_lottery"),
+        code=code("recovery_lottery.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -135,7 +137,7 @@ rule prune:
     params:
         hparams=train_params,
         lottery=lottery_settings,
-        fingerprint=source_fingerprint("pipeline.pruning.lottery", "run_lottery"),
+        code=code("prune.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -160,6 +162,8 @@ rule lottery_collect:
         "results/{study}/benchmarks/lottery_collect.tsv"
     wildcard_constraints:
         study=_alternatives(RECOVERY + PRUNE),
+    params:
+        code=code("collect.py"),
     threads: 1
     resources:
         mem_mb=2000,

@@ -16,7 +16,7 @@ rule teleport_validation:
         study=_alternatives(TELEPORT_GRID),
     params:
         runs=lambda w: run_dirs(w.study),
-        fingerprint=source_fingerprint("pipeline.teleport.study", "validation_table"),
+        code=code("teleport_table.py"),
     threads: 1
     resources:
         mem_mb=2000,
@@ -42,7 +42,7 @@ rule teleport_interpolation:
     params:
         runs=lambda w: dict(list(run_dirs(w.study).items())[:2]),
         spec=lambda w: PLAN.study(w.study)["interpolation"],
-        fingerprint=source_fingerprint("pipeline.teleport.tables", "interpolation_table"),
+        code=code("teleport_table.py"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -66,7 +66,7 @@ rule teleport_analysis:
         table="micro|statistics|histograms",
     params:
         spec=lambda w: PLAN.study(w.study),
-        fingerprint=analysis_fingerprint,
+        code=code("teleport_table.py"),
     threads: 1
     resources:
         mem_mb=4000,

@@ -18,6 +18,7 @@ rule train:
         study=_alternatives(PLAIN),
     params:
         hparams=train_params,
+        code=train_code,
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -57,6 +58,7 @@ for study, index, chunk in TRAIN_CHUNKS:
         params:
             roots=[run_dir(study, r.name) for r in chunk],
             hparams=[r.nondefault for r in chunk],
+            code=chunk_code(study, chunk),
             device=DEVICE,
             data_dir=config.get("data_dir", "data"),
         threads: PLAN.study(study).get("resources", {}).get("threads", THREADS)

@@ -1,18 +1,16 @@
 """Name-keyed registries of functions, discoverable without importing them.
 
 A registry is filled by a decorator (``@register_model("mlp")``), timm-style. Snakemake needs the
-names (for config validation and wildcard constraints) and the source fingerprints (to re-run only
-the jobs of an edited metric) while it parses the workflow, where importing torch would cost
-seconds. So every registry can also *read* its entries from the source files with :mod:`ast`:
-names, parameter names and defaults, and a hash of each function's source together with the
-pipeline-internal helpers it calls. The real function is imported only when it is used.
+names (for config validation and wildcard constraints) while it parses the workflow, where
+importing torch would cost seconds. So every registry can also *read* its entries from the source
+files with :mod:`ast`: names, parameter names and defaults (code fingerprints read them the same
+way: :mod:`pipeline.fingerprint`). The real function is imported only when it is used.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
-import hashlib
 import importlib
 from dataclasses import dataclass
 from functools import cache
@@ -81,10 +79,6 @@ class Registry:
             importlib.import_module(entry.module)
         return self._loaded[name]
 
-    def fingerprint(self, name: str) -> str:
-        entry = self.entry(name)
-        return source_fingerprint(entry.module, entry.function)
-
 
 def _module_path(module: str) -> Path:
     rel = module.split(".")[1:]
@@ -92,10 +86,25 @@ def _module_path(module: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
-@cache
+_PARSED: dict[str, ast.Module] = {}
+
+
 def _parse(module: str) -> ast.Module:
-    path = _module_path(module)
-    return ast.parse(path.read_text(), filename=str(path))
+    tree = _PARSED.get(module)
+    if tree is None:
+        path = _module_path(module)
+        tree = _PARSED[module] = ast.parse(path.read_text(), filename=str(path))
+    return tree
+
+
+def forget(modules=None) -> None:
+    """Forget the parsed sources (of ``modules`` only, if given) and every scan: after the
+    sources changed under this process."""
+    if modules is None:
+        _PARSED.clear()
+    for module in modules or ():
+        _PARSED.pop(module, None)
+    _scan.cache_clear()
 
 
 def _modules_in(package: str) -> list[str]:
@@ -158,72 +167,13 @@ def _literal(node):
 
 
 # -- source fingerprints ----------------------------------------------------------------------
-def _top_level(module: str) -> dict[str, ast.AST]:
-    defs: dict[str, ast.AST] = {}
-    for node in _parse(module).body:
-        if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef):
-            defs[node.name] = node
-        elif isinstance(node, ast.Assign):
-            for target in node.targets:
-                if isinstance(target, ast.Name):
-                    defs[target.id] = node
-    return defs
-
-
-def _imports(module: str) -> dict[str, tuple[str, str]]:
-    """``local name -> (module, name)`` for ``from pipeline... import name`` statements."""
-    out: dict[str, tuple[str, str]] = {}
-    is_package = _module_path(module).name == "__init__.py"
-    package = module if is_package else module.rsplit(".", 1)[0]
-    for node in _parse(module).body:
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                src = ".".join(base + ([node.module] if node.module else []))
-            else:
-                src = node.module or ""
-            if not src.startswith("pipeline"):
-                continue
-            for alias in node.names:
-                out[alias.asname or alias.name] = (src, alias.name)
-    return out
-
-
 def source_fingerprint(module: str, name: str) -> str:
-    """Hash of a function's source plus, recursively, the pipeline helpers it references.
+    """:func:`pipeline.fingerprint.code_fingerprint` of ``module:name``: a hash of the code of the
+    function and of everything it reaches in ``pipeline`` (every entry of the registries it looks
+    up). Raises :class:`pipeline.fingerprint.CodeError` if the name does not exist."""
+    from pipeline.fingerprint import code_fingerprint
 
-    Helpers are top-level definitions of the same module, or names imported from another
-    ``pipeline`` module. Editing any of them changes the fingerprint; editing an unrelated
-    function in the same file does not.
-    """
-    seen: set[tuple[str, str]] = set()
-    chunks: list[str] = []
-    stack = [(module, name)]
-    while stack:
-        mod, nm = stack.pop()
-        if (mod, nm) in seen:
-            continue
-        seen.add((mod, nm))
-        try:
-            defs = _top_level(mod)
-        except (FileNotFoundError, SyntaxError):
-            continue
-        node = defs.get(nm)
-        if node is None:
-            imported = _imports(mod).get(nm)
-            if imported:
-                stack.append(imported)
-            continue
-        chunks.append(f"{mod}:{nm}\n{ast.unparse(node)}")
-        imports = _imports(mod)
-        for sub in ast.walk(node):
-            if isinstance(sub, ast.Name) and sub.id != nm:
-                if sub.id in defs:
-                    stack.append((mod, sub.id))
-                elif sub.id in imports:
-                    stack.append(imports[sub.id])
-    return hashlib.sha256("\n".join(sorted(chunks)).encode()).hexdigest()[:16]
+    return code_fingerprint(f"{module}:{name}")
 
 
 def source_constant(module: str, name: str):

@@ -1,8 +1,9 @@
 """Representation alignment between two zoo members (Godfrey et al. 2022, Sec. 5, and beyond).
 
 Every (dis)similarity measure is a registered function ``fn(pair: Pair, **options) ->
-DataFrame``; its cache rule passes ``register_similarity.fingerprint(name)`` as a param, so an
-edit re-runs only that measure's jobs and the figures that read them.
+DataFrame``; the alignment rule's code fingerprint (:mod:`pipeline.fingerprint`) reaches only
+the measure the job computes, so an edit re-runs only that measure's jobs and the figures that
+read them.
 
 - ``grelu_procrustes`` / ``ortho_procrustes`` (diagonal layer pairs):
   :mod:`pipeline.alignment.procrustes`;

@@ -25,6 +25,9 @@ from pipeline import io
 from pipeline.config import Run, expand_runs, register_study_kind
 from pipeline.zoo import sample_pairs
 
+#: What a vectorised zoo job's recorded code fingerprint covers (config: :func:`zoo_hparams`).
+ZOO_CODE = "pipeline.zoo.study:train_members"
+
 
 def _zoo_study(study: dict, zoo: dict) -> dict:
     return {
@@ -73,11 +76,13 @@ def train_members(
     out_dir, nondefault: dict, seeds: list[int], device="cpu", data_dir="data", threads: int = 1
 ) -> dict:
     """One vectorised job: a member file per seed (see :func:`pipeline.zoo.train.train_zoo`);
-    ``nondefault``: :func:`zoo_hparams`."""
+    ``nondefault``: :func:`zoo_hparams`. ``summary.json`` records the code fingerprint
+    (:data:`ZOO_CODE`, as for runs: :mod:`pipeline.runs`)."""
     from pipeline.config import resolve_hparams
+    from pipeline.fingerprint import code_fingerprint
     from pipeline.zoo.train import train_zoo
 
-    return train_zoo(
+    summary = train_zoo(
         out_dir,
         resolve_hparams(nondefault),
         seeds,
@@ -85,6 +90,9 @@ def train_members(
         data_dir=data_dir,
         threads=threads,
     )
+    summary["code"] = code_fingerprint(ZOO_CODE, nondefault)
+    io.write_json(Path(out_dir) / "summary.json", summary)
+    return summary
 
 
 def extract_all(members: list, outs: list, data_dir="data", device="cpu", **probe) -> None:
