@@ -243,7 +243,7 @@ def test_planted_neurons_are_clustered_and_every_drop_is_reported():
             owner.append(s)
     v, owner = torch.stack(vectors), np.array(owner)
     rank = np.arange(10)[::-1].copy()
-    clusters = cluster_layer(v, owner, rank, symmetry_of("relu"), 10, 0.5, 30.0, "fc1")
+    clusters = cluster_layer(v, owner, rank, symmetry_of("relu"), 10, ClusterHparams(), "fc1")
     assert len(clusters.members) == 5
     unit = torch.nn.functional.normalize(v, dim=1)
     found = torch.nn.functional.normalize(
@@ -257,7 +257,7 @@ def test_planted_neurons_are_clustered_and_every_drop_is_reported():
         owners = set(owner[members].tolist())
         assert winner == max(owners)  # the best-ranked owner (rank: 9 best)
     with pytest.raises(ValueError, match="gamma"):
-        cluster_layer(v, owner, rank, symmetry_of("relu"), 10, 0.1, 30.0, "fc1")
+        cluster_layer(v, owner, rank, symmetry_of("relu"), 10, ClusterHparams(gamma=0.1), "fc1")
 
 
 def test_constant_inputs_fold_into_the_bias_exactly():
@@ -327,7 +327,7 @@ def test_duplicated_scaled_and_flipped_neurons_collapse_exactly(activation):
     h = ClusterHparams(final=FitHparams(max_epochs=0), min_nonlinearity=0.0, min_contribution=0.0)
     rec = reconstruct(chain, result, data, h)
     assert rec.widths == (3,)
-    assert rec.collapsed_chain.skip == (sym.sign == "even_linear")
+    assert rec.collapsed_chain.skips == ((1,) if sym.sign == "even_linear" else ())
     out = forward(rec.collapsed_chain, rec.before_finetune, x)[0]
     torch.testing.assert_close(out, data.y, rtol=0, atol=1e-10)
 
@@ -352,12 +352,12 @@ def test_leftover_neurons_do_not_set_the_cut(extra, seed):
             owner.append(s)
     v, owner, rank = torch.stack(vectors), np.array(owner), np.arange(10)
 
-    def found(tight):
-        return cluster_layer(
-            v, owner, rank, symmetry_of("relu"), 10, 0.5, 30.0, "fc1", tight_count=tight
-        )
+    def found(tight, distinct=False):
+        h = ClusterHparams(tight_count=tight, distinct=distinct)
+        return cluster_layer(v, owner, rank, symmetry_of("relu"), 10, h, "fc1")
 
     assert len(found(False).members) < 5
+    assert len(found(True, distinct=True).members) == 5
     clusters = found(True)
     assert len(clusters.members) == 5
     unit = torch.nn.functional.normalize(v, dim=1)
@@ -422,12 +422,12 @@ def test_a_count_spike_of_fragments_does_not_set_the_cut(seed):
                 owner.append(s)
     v, owner = torch.stack(vectors), np.array(owner)
 
-    def found(tight):
-        return cluster_layer(
-            v, owner, np.arange(10), symmetry_of("relu"), 10, 0.5, 30.0, "fc1", tight_count=tight
-        )
+    def found(tight, distinct=False):
+        h = ClusterHparams(tight_count=tight, distinct=distinct)
+        return cluster_layer(v, owner, np.arange(10), symmetry_of("relu"), 10, h, "fc1")
 
     assert len(found(False).members) == 4
+    assert len(found(True, distinct=True).members) == 5
     clusters = found(True)
     centres = torch.stack([v[m].mean(0) for m in clusters.members])
     cos = torch.nn.functional.normalize(centres, dim=1) @ d.T
