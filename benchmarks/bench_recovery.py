@@ -3,10 +3,11 @@
 1. ``family``: toy teachers with one hidden layer (2-10 inputs, 3-8 neurons, minimum angles
    between neurons drawn from 5-30 degrees; relu/tanh/sigmoid/softplus, sigmoid at gain 2;
    rho = 4, N = 10, the embedded default's student settings). The same students of every
-   problem are clustered by ``rule: published``, by ``rule: pipeline`` and by the pipeline
-   rule with each of its additions switched off: the recovery rate of each (the ablation
-   table; the paper: 80% at rho = 4), into ``OUT/family_rules.parquet``, and the figures
-   ``OUT/family.{pdf,png}``, ``OUT/family_widths.{pdf,png}`` for the pipeline rule.
+   problem are clustered by ``rule: published`` and by ``rule: pipeline`` (the paper: 80% at
+   rho = 4), into ``OUT/family_rules.parquet``, and the figures ``OUT/family.{pdf,png}``,
+   ``OUT/family_widths.{pdf,png}`` for the pipeline rule; ``ablation``: by the pipeline rule
+   with each of its additions switched off, on the first ``--ablation-problems``, into
+   ``OUT/family_ablation.parquet``: with the first two, the ablation table.
 2. ``deep``: teachers with two and three hidden layers (tanh and sigmoid at gain 2, relu),
    ``--seeds`` per shape: the rate per layer and overall, per rule (``--rules``), into
    ``OUT/deep.parquet``.
@@ -15,8 +16,11 @@
 4. ``speed``: N = 10 students trained vectorised vs sequentially (toy size, target >= 4x on 2
    cores; MNIST size reported) and clustering 20,000 11-D vectors (target < 30 s).
 
-Every problem's rows are appended as it finishes (a killed run keeps what it had), and the
-summary is printed from the tables, so ``--summary`` reprints it without running anything.
+Every problem's rows are appended as it finishes (a killed run keeps what it had), the trained
+students are cached under ``OUT/students/`` (shared by the parts, which can run as separate
+processes), and the summary is printed from the tables, so ``--summary`` reprints it without
+running anything. On 2 idle cores the whole run takes hours (the family about 2 CPU minutes a
+problem with every rule, a deep problem about as much).
 
     python benchmarks/bench_recovery.py [--parts family deep dtype speed] [--problems 24]
         [--seeds 8] [--out results/bench_recovery] [--summary]
@@ -25,7 +29,6 @@ summary is printed from the tables, so ``--summary`` reprints it without running
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -103,14 +106,28 @@ def _failed(name: str, chain: Chain, students, err: Exception) -> pd.DataFrame:
     )
 
 
-def solve(name: str, spec: dict, probes: int, expand: ExpandHparams, variants: dict):
+def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
+    """The trained students of a problem (deterministic on the CPU, so cached in ``cache``
+    and shared by the runs of every part): ``(chain, result, CPU seconds of the training)``."""
+    path = cache / f"{name}-{expand.dtype}.pt" if cache else None
+    if path is not None and path.exists():
+        raw = torch.load(path, weights_only=False)
+        return raw["chain"], raw["students"], raw["seconds"]
+    t0 = time.process_time()
+    s_chain, students = train_students(chain, data, expand)
+    seconds = time.process_time() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"chain": s_chain, "students": students, "seconds": seconds}, path)
+    return s_chain, students, seconds
+
+
+def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None):
     """Students of one problem, clustered by every rule in ``variants``: per rule, the
     recovery table (one row per layer) with the rule, seconds and student seconds."""
     chain, params = make_teacher(spec)
     data = probe_distribution(chain, params, probes, 1000, seed=1)
-    t0 = time.process_time()
-    s_chain, students = train_students(chain, data, expand)
-    student_seconds = time.process_time() - t0
+    s_chain, students, student_seconds = students_of(name, chain, data, expand, cache)
     tables = []
     for rule, h in variants.items():
         t0 = time.process_time()
@@ -141,8 +158,8 @@ def expand_settings(dtype: str | None = None) -> ExpandHparams:
     return replace(h, dtype=dtype) if dtype else h
 
 
-def family(count: int, out: Path, chosen: list[str]) -> None:
-    path = out / "family_rules.parquet"
+def family(count: int, out: Path, chosen: list[str], table: str = "family_rules") -> None:
+    path = out / f"{table}.parquet"
     done = set(io.read_parquet(path).problem) if path.exists() else set()
     variants = {k: v for k, v in rules().items() if k in chosen}
     problems = toy_family(
@@ -156,7 +173,7 @@ def family(count: int, out: Path, chosen: list[str]) -> None:
     for name, spec in problems.items():
         if name in done:
             continue
-        table = solve(name, spec, 1000, expand_settings(), variants)
+        table = solve(name, spec, 1000, expand_settings(), variants, out / "students")
         _append(path, table)
         mine = table[table.rule == "pipeline"].iloc[0] if "pipeline" in variants else table.iloc[0]
         print(
@@ -171,10 +188,10 @@ def family(count: int, out: Path, chosen: list[str]) -> None:
         )
 
 
-def deep(seeds: int, out: Path, chosen: list[str]) -> None:
-    path = out / "deep.parquet"
-    done = set(io.read_parquet(path).problem) if path.exists() else set()
-    variants = {k: v for k, v in rules().items() if k in chosen}
+def deep_family(seeds: int) -> dict[str, tuple[str, dict]]:
+    """``name -> (shape, teacher)``: ``seeds`` teachers per shape and activation, taken in
+    turn (every shape and activation has some before any has all)."""
+    groups = []
     for shape, ranges in DEEP_SHAPES.items():
         for act in ("tanh", "sigmoid", "relu"):
             problems = toy_family(
@@ -183,27 +200,33 @@ def deep(seeds: int, out: Path, chosen: list[str]) -> None:
                 activations=(act,),
                 input_dims=(6, 10),
                 widths=ranges,
-                gains={"tanh": 2.0, "sigmoid": 4.0, "relu": math.sqrt(2)},
+                gains={"tanh": 2.0, "sigmoid": 4.0, "relu": 2.0},
                 min_angle=30.0,
                 min_outgoing=0.5,
             )
-            for name, spec in problems.items():
-                if name in done:
-                    continue
-                table = solve(name, spec, 2000, expand_settings(), variants).assign(shape=shape)
-                _append(path, table)
-                for rule, rows in table.groupby("rule", sort=False):
-                    print(
-                        f"  {name:26s} {rule:12s} widths "
-                        + ", ".join(
-                            f"{r.teacher_width}->{r.inferred_width}" for r in rows.itertuples()
-                        )
-                        + "  max d_w "
-                        + ", ".join(f"{d:.0e}" for d in rows.max_d_w)
-                        + f"  {'recovered' if rows.recovered.all() else 'NOT recovered'}"
-                        f"  {rows.seconds.iloc[0] + rows.student_seconds.iloc[0]:.0f}s",
-                        flush=True,
-                    )
+            groups.append([(name, (shape, spec)) for name, spec in problems.items()])
+    return dict(item for turn in zip(*groups, strict=True) for item in turn)
+
+
+def deep(seeds: int, out: Path, chosen: list[str]) -> None:
+    path = out / "deep.parquet"
+    done = set(io.read_parquet(path).problem) if path.exists() else set()
+    variants = {k: v for k, v in rules().items() if k in chosen}
+    for name, (shape, spec) in deep_family(seeds).items():
+        if name in done:
+            continue
+        table = solve(name, spec, 2000, expand_settings(), variants, out / "students")
+        table = table.assign(shape=shape)
+        _append(path, table)
+        for rule, rows in table.groupby("rule", sort=False):
+            widths = ", ".join(f"{r.teacher_width}->{r.inferred_width}" for r in rows.itertuples())
+            print(
+                f"  {name:26s} {rule:12s} widths {widths}  max d_w "
+                + ", ".join(f"{d:.0e}" for d in rows.max_d_w)
+                + f"  {'recovered' if rows.recovered.all() else 'NOT recovered'}"
+                f"  {rows.seconds.iloc[0] + rows.student_seconds.iloc[0]:.0f}s",
+                flush=True,
+            )
 
 
 def dtypes(count: int, out: Path) -> None:
@@ -245,6 +268,9 @@ def summary(out: Path) -> None:
     path = out / "family_rules.parquet"
     if path.exists():
         table = io.read_parquet(path)
+        ablation = out / "family_ablation.parquet"
+        if ablation.exists():  # the same students, the other rules (maybe on fewer problems)
+            table = pd.concat([table, io.read_parquet(ablation)], ignore_index=True)
         per = table.groupby(["rule", "problem"], sort=False).recovered.all().reset_index()
         rate = per.groupby("rule", sort=False).recovered.agg(["mean", "sum", "count"])
         base = rate.loc["pipeline", "mean"] if "pipeline" in rate.index else float("nan")
@@ -397,10 +423,15 @@ def speed() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["family", "deep", "dtype", "speed"])
+    parser.add_argument(
+        "--parts", nargs="+", default=["family", "ablation", "deep", "dtype", "speed"]
+    )
     parser.add_argument("--problems", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--dtype-problems", type=int, default=8)
+    parser.add_argument(
+        "--ablation-problems", type=int, default=24, help="problems for ours minus each addition"
+    )
     parser.add_argument("--rules", nargs="+", default=None, help="family/deep rules (default: all)")
     parser.add_argument("--deep-rules", nargs="+", default=["pipeline", "published"])
     parser.add_argument("--out", type=Path, default=Path("results/bench_recovery"))
@@ -411,7 +442,11 @@ def main() -> None:
         torch.set_num_threads(1)
         if "family" in args.parts:
             print(f"toy family ({args.problems} problems, 1 thread):")
-            family(args.problems, args.out, args.rules or list(rules()))
+            family(args.problems, args.out, args.rules or ["published", "pipeline"])
+        if "ablation" in args.parts:
+            print(f"ablation ({args.ablation_problems} problems of the family, 1 thread):")
+            minus = [k for k in rules() if k.startswith("pipeline - ")]
+            family(args.ablation_problems, args.out, minus, "family_ablation")
         if "deep" in args.parts:
             print(f"deep family ({args.seeds} seeds per shape, 1 thread):")
             deep(args.seeds, args.out, args.deep_rules)

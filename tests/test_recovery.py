@@ -125,4 +125,4 @@ def test_moving_each_student_by_its_own_symmetry_changes_nothing(name):
     assert (pairs.d_a < 1e-8).all(), pairs
     outputs = forward(rec_moved.chain, rec_moved.params, data.x_test)
     reference = forward(rec.chain, rec.params, data.x_test)
-    assert float((outputs - reference).abs().max()) < 1e-6 * float(data.y_test.abs().max())
+    assert float((outputs - reference).abs().max()) < 1e-5 * float(data.y_test.abs().max())

@@ -198,14 +198,20 @@ def test_presets_and_switches():
         ClusterHparams.from_dict({"tight": True})
 
 
-def test_the_deep_finetune_default_is_the_schemas():
-    """One default for the students' refit between layers: the dataclass's, documented in the
-    config schema, used by the workflow (the config sets none) and the tests."""
+def test_the_schema_documents_the_defaults():
+    """One default for every cluster key, the deep finetune (the students' refit between
+    layers) included: the dataclass's, documented in the config schema, used by the workflow
+    (the embedded default sets no finetune) and by the tests (which read that config)."""
     schema = yaml.safe_load((ROOT / "config" / "schema" / "config.schema.yaml").read_text())
-    cluster = schema["$defs"]["recovery_cluster"]["properties"]
-    assert cluster["finetune"]["default"] == {
-        k: getattr(DEEP_FINETUNE, k) for k in cluster["finetune"]["default"]
-    }
-    assert ClusterHparams().finetune == replace(DEEP_FINETUNE, **cluster["finetune"]["default"])
+    keys = schema["$defs"]["recovery_cluster"]["properties"]
+    assert set(keys) == set(ClusterHparams.__dataclass_fields__)
+    default = ClusterHparams()
+    for key, spec in keys.items():
+        if key in ("finetune", "final"):
+            fit = spec["default"]
+            assert getattr(default, key) == replace(type(DEEP_FINETUNE)(), **fit), key
+        else:
+            assert spec["default"] == getattr(default, key), key
+    assert default.finetune == DEEP_FINETUNE
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     assert "finetune" not in config["studies"]["recovery"]["cluster"]

@@ -13,18 +13,29 @@ linear terms with them (the linear parts of sign-flipped relu copies) and they a
 identifiable as neurons.
 
 5. *Collapse*: each kept cluster becomes one neuron: the mean (in the cluster's orientation) of
-   its winner's members, the winner being the best-ranked student owning a member (a kept
-   cluster always has one: no cluster is lost). Outgoing weights of student n: the sum over its
-   members of ``a_i |v_i| s_i`` (``s_i = +-1`` the member's orientation, applied where the
-   activation is odd; even-linear flips leave ``a_i`` and a linear term; a sigmoid flip adds
-   ``a_i`` to the next bias, since ``sigmoid(-z) = 1 - sigmoid(z)``).
-6. Hidden layers before the last: the K recovered neurons go into every student, each keeping
-   its merged outgoing weights and its upper layers; the students are finetuned and the next
-   layer is read from *these finetuned* students (the published code reads stale weights).
+   its winner's members, the winner being the best-ranked student owning a member (any
+   student; with ``winners: 5``, published, the best of the five best, else the cluster was
+   dropped). Outgoing weights of student n: the sum over its members of ``a_i |v_i| s_i``
+   (``s_i = +-1`` the member's orientation, applied where the activation is odd; even-linear
+   flips leave ``a_i`` and a linear term; a sigmoid flip adds ``a_i`` to the next bias, since
+   ``sigmoid(-z) = 1 - sigmoid(z)``).
+6. Hidden layers before the last, layer by layer as the paper describes: the K recovered
+   neurons go into every student, each keeping its merged outgoing weights and its upper
+   layers; the students are refitted (``finetune``) and the next layer is read from *these
+   refitted* students (the published code reads stale weights: the preset does not copy
+   that). With ``freeze`` the recovered layers stay fixed during the refit, so every student
+   reads the next layer in one basis (published: all weights train). With
+   ``layer_correction`` each student first gets the least-squares correction of the next
+   layer's pre-activations in the collapsed layer's *own* input space (:func:`correct_layer`:
+   a flipped even-linear copy leaves ``-a z``, linear in that layer's inputs, which for the
+   layers above the first are the previous layer's activations, not the network's inputs),
+   and the recovered neurons are flipped into the orientation that needs none
+   (:func:`orient`: the teacher has no skips).
    The last hidden layer: one network; its output columns from each cluster's winner, lower
    layers and output bias from the best student. Then an exact bias correction (least squares
-   of the residual on a constant) or, for even-linear activations, an affine correction ``y ~
-   f(x) + S x + s`` (least squares, then trained along): the linear terms of flipped neurons.
+   of the residual on a constant) or, for even-linear activations, an affine correction
+   (least squares, then trained along) in the last hidden layer's input space (the inputs for
+   one hidden layer, as published), oriented away where ``layer_correction`` is on.
 
 Finally the network is finetuned. Twin neurons (one teacher neuron that the fit split into two
 copies pointing the same way, within ``merge_angle``) are folded into one and the network

@@ -65,7 +65,7 @@ class FitHparams:
     log_every: int = 100
     checkpoint_every: int = 1000
     tolerance: float = 1e-12  # lbfgs: stop when the loss changes less than this
-    floor: float = 1e-20  # lbfgs: stop once the loss is below this x mean(y^2) (round-off)
+    floor: float = 1e-12  # lbfgs: stop once the loss is below this x mean(y^2)
     skip_lr_factor: float = 1.0  # adam: learning rate of skip weights x this (published: 10)
 
 
