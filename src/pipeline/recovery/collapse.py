@@ -42,7 +42,9 @@ copies pointing the same way, within ``merge_angle``) are folded into one and th
 refitted (``merged``, kept if the refit stays within ``redundant_factor``). Neurons it then
 does not need are dropped and it is finetuned again: those with a contribution
 ``std(sigma(z)) |a|`` below ``min_contribution`` x their layer's largest or linear on the data
-(``dropped_weak``, ``prune_rounds`` times at most), then, one by one and weakest first, those
+(``dropped_weak``, ``prune_rounds`` times at most, each time only if the refit stays within
+``redundant_factor``: a relu neuron active on few probe points is weak by that measure and
+still needed), then, one by one and weakest first, those
 whose removal the refit does not notice (within ``redundant_factor`` of the loss before any
 removal, and only if the network fits the data about as well as the best student;
 ``dropped_redundant``): the teacher is the smallest network with its function.
@@ -324,9 +326,12 @@ def reconstruct(
         )
         if not any(bool(w.any()) for w in weak):
             break
+        smaller, net = drop_neurons(net_chain, final.params, weak, data.x[:8192])
+        refit = fit(smaller, net, data, h.final, seed, tag="final-pruned")
+        if float(refit.train_loss[0]) > _removal_limit(final, data, h):
+            break  # the fit notices: e.g. a relu neuron active on few points, weak but needed
         _mark_weak(table, net_chain, weak)
-        net_chain, net = drop_neurons(net_chain, final.params, weak, data.x[:8192])
-        final = fit(net_chain, net, data, h.final, seed, tag="final-pruned")
+        net_chain, final = smaller, refit
     reference = float(torch.nan_to_num(students.train_loss, nan=math.inf).min())
     net_chain, final = prune_redundant(net_chain, final, data, h, seed, table, reference)
     return Reconstruction(
@@ -585,14 +590,18 @@ def prune_redundant(
     ``redundant_factor`` of ``reference``) is pruned: for a poor one the test means nothing."""
     x = data.x[:8192]
     loss = float(final.train_loss[0])
-    limit = h.redundant_factor * max(loss, 1e-14 * float(data.y.var()))
+    limit = _removal_limit(final, data, h)
     trials = h.redundant_trials if loss <= h.redundant_factor * reference else 0
-    # a trial only has to show whether the loss can get back within the limit
+    # a trial only has to show whether the loss can get back within the limit: a short refit
+    # first, the whole trial only if it got within 100x of the limit or below the best student's
+    # loss (a needed neuron's removal leaves a network worse than every student)
     trial_fit = replace(
         h.final,
         max_epochs=max(1, h.final.max_epochs // 4),
         tolerance=max(h.final.tolerance, 1e-9),
     )
+    first = replace(trial_fit, max_epochs=max(1, trial_fit.max_epochs // 5))
+    go_on = max(100 * limit, reference)
     while trials > 0:
         candidates = []
         for layer, hid in enumerate(_hidden(chain, final.params, x)):
@@ -604,7 +613,10 @@ def prune_redundant(
             drop = [torch.zeros(w, dtype=torch.bool) for w in chain.widths]
             drop[layer][k] = True
             smaller, params = drop_neurons(chain, final.params, drop, x)
-            refit = fit(smaller, params, data, trial_fit, seed, tag="final-redundant")
+            refit = fit(smaller, params, data, first, seed, tag="final-redundant")
+            if limit < float(refit.train_loss[0]) <= go_on and first != trial_fit:
+                # the whole trial from the start (a restarted L-BFGS loses its curvature pairs)
+                refit = fit(smaller, params, data, trial_fit, seed, tag="final-redundant")
             if float(refit.train_loss[0]) <= limit:
                 _mark_weak(table, chain, drop, "dropped_redundant")
                 chain, final = smaller, refit
@@ -612,6 +624,12 @@ def prune_redundant(
         else:
             break
     return chain, final
+
+
+def _removal_limit(final: FitResult, data: ProbeData, h: ClusterHparams) -> float:
+    """The training loss a refit without some neurons may reach for their removal to stand:
+    within ``redundant_factor`` of the loss with them (or of round-off)."""
+    return h.redundant_factor * max(float(final.train_loss[0]), 1e-14 * float(data.y.var()))
 
 
 def _mark_weak(
