@@ -246,10 +246,17 @@ class ClusterHparams:
         return self
 
 
-# the students' refit after each collapsed hidden layer (below the last): the recovered layers
-# fixed, each student's upper layers start near a minimum, so a full-batch L-BFGS refines them
-# (the published refit is Adam at lr 1e-4 for up to 5000 epochs); the deep tests use this too
-DEEP_FINETUNE = FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=150, log_every=50, tolerance=1e-9)
+# the students' refit after each collapsed hidden layer (below the last): full batch, from a
+# tenth of the students' rate, the recovered layers fixed; the deep tests use this default too
+DEEP_FINETUNE = FitHparams(
+    lr=1e-3,
+    batch_size=0,
+    max_epochs=1500,
+    plateau_patience=50,
+    plateau_cooldown=50,
+    min_lr=1e-6,
+    log_every=500,
+)
 FINAL_FIT = FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=200, log_every=50)
 
 

@@ -592,16 +592,12 @@ def prune_redundant(
     loss = float(final.train_loss[0])
     limit = _removal_limit(final, data, h)
     trials = h.redundant_trials if loss <= h.redundant_factor * reference else 0
-    # a trial only has to show whether the loss can get back within the limit: a short refit
-    # first, the whole trial only if it got within 100x of the limit or below the best student's
-    # loss (a needed neuron's removal leaves a network worse than every student)
+    # a trial only has to show whether the loss can get back within the limit
     trial_fit = replace(
         h.final,
         max_epochs=max(1, h.final.max_epochs // 4),
         tolerance=max(h.final.tolerance, 1e-9),
     )
-    first = replace(trial_fit, max_epochs=max(1, trial_fit.max_epochs // 5))
-    go_on = max(100 * limit, reference)
     while trials > 0:
         candidates = []
         for layer, hid in enumerate(_hidden(chain, final.params, x)):
@@ -613,10 +609,7 @@ def prune_redundant(
             drop = [torch.zeros(w, dtype=torch.bool) for w in chain.widths]
             drop[layer][k] = True
             smaller, params = drop_neurons(chain, final.params, drop, x)
-            refit = fit(smaller, params, data, first, seed, tag="final-redundant")
-            if limit < float(refit.train_loss[0]) <= go_on and first != trial_fit:
-                # the whole trial from the start (a restarted L-BFGS loses its curvature pairs)
-                refit = fit(smaller, params, data, trial_fit, seed, tag="final-redundant")
+            refit = fit(smaller, params, data, trial_fit, seed, tag="final-redundant")
             if float(refit.train_loss[0]) <= limit:
                 _mark_weak(table, chain, drop, "dropped_redundant")
                 chain, final = smaller, refit
