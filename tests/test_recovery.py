@@ -58,7 +58,15 @@ def solved(name):
     return chain, params, data, s_chain, students, reconstruct(s_chain, students, data, CLUSTER)
 
 
-@pytest.mark.parametrize("name", list(TEACHERS))
+def _marked(names):
+    """The deep teachers (a minute of CPU each, students and finetunes) are marked slow."""
+    return [
+        pytest.param(n, marks=pytest.mark.slow) if len(TEACHERS[n][0].widths) > 1 else n
+        for n in names
+    ]
+
+
+@pytest.mark.parametrize("name", _marked(TEACHERS))
 def test_toy_teachers_are_recovered(name):
     chain, params, data, _, students, rec = solved(name)
     neurons, layers = compare(chain, params, rec.chain, rec.params)
@@ -90,7 +98,7 @@ def test_toy_teachers_are_recovered(name):
         assert table[table.layer == layer]["size"].sum() == STUDENTS.students * 4 * width
 
 
-@pytest.mark.parametrize("name", ["relu-10d-4", "tanh-10-4-3-s11"])
+@pytest.mark.parametrize("name", _marked(["relu-10d-4", "tanh-10-4-3-s11"]))
 def test_moving_each_student_by_its_own_symmetry_changes_nothing(name):
     """Every trained student moved by its own random element of its group (a permutation of
     each layer's neurons, with positive scalings for relu and sign flips for tanh) computes the
