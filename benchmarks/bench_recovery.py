@@ -1,18 +1,29 @@
-"""Expand-and-Cluster benchmarks.
+"""Expand-and-Cluster benchmarks (reported, not timed tests).
 
-1. A family of toy teachers (2-10 inputs, 3-8 hidden neurons, relu/tanh/sigmoid, the sigmoid
-   ones at gain 2; rho = 4, N = 10): the recovery rate (the paper: 80% at rho = 4) and every
-   failure with its nearest distances, into ``OUT/family.parquet``,
-   ``OUT/family_neurons.parquet`` and the figures ``OUT/family.{pdf,png}``,
-   ``OUT/family_widths.{pdf,png}``.
-2. N = 10 students trained vectorised (one program) vs sequentially (ten torch.optim.Adam runs
-   of the ``mlp`` module, same data and steps), at toy size (input 10, width 32; target >= 4x
-   on 2 cores) and MNIST size (input 784, width 80, 10 outputs; reported).
-3. Clustering 20,000 11-D neuron vectors (distances, average linkage, cut, filters; target
-   under 30 s) and 2,000 785-D vectors (reported).
-4. Two-hidden-layer tanh teachers (the acceptance test's, over four seeds; not with --quick).
+1. ``family``: toy teachers with one hidden layer (2-10 inputs, 3-8 neurons, minimum angles
+   between neurons drawn from 5-30 degrees; relu/tanh/sigmoid/softplus, sigmoid at gain 2;
+   rho = 4, N = 10, the embedded default's student settings). The same students of every
+   problem are clustered by ``rule: published`` and by ``rule: pipeline`` (the paper: 80% at
+   rho = 4), into ``OUT/family_rules.parquet``, and the figures ``OUT/family.{pdf,png}``,
+   ``OUT/family_widths.{pdf,png}`` for the pipeline rule; ``ablation``: by the pipeline rule
+   with each of its additions switched off, on the first ``--ablation-problems``, into
+   ``OUT/family_ablation.parquet``: with the first two, the ablation table.
+2. ``deep``: teachers with two and three hidden layers (tanh and sigmoid at gain 2, relu),
+   ``--seeds`` per shape: the rate per layer and overall, per rule (``--rules``), into
+   ``OUT/deep.parquet``.
+3. ``dtype``: seconds (CPU) per problem with float32 against float64 students, and the
+   recovery distances each gives, on the first ``--dtype-problems`` problems of the family.
+4. ``speed``: N = 10 students trained vectorised vs sequentially (toy size, target >= 4x on 2
+   cores; MNIST size reported) and clustering 20,000 11-D vectors (target < 30 s).
 
-    python benchmarks/bench_recovery.py [--problems 12] [--quick] [--out results/bench_recovery]
+Every problem's rows are appended as it finishes (a killed run keeps what it had), the trained
+students are cached under ``OUT/students/`` (shared by the parts, which can run as separate
+processes), and the summary is printed from the tables, so ``--summary`` reprints it without
+running anything. On 2 idle cores the whole run takes hours (the family about 2 CPU minutes a
+problem with every rule, a deep problem about as much).
+
+    python benchmarks/bench_recovery.py [--parts family deep dtype speed] [--problems 24]
+        [--seeds 8] [--out results/bench_recovery] [--summary]
 """
 
 from __future__ import annotations
@@ -25,104 +36,308 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from pipeline import io
 from pipeline.models import build
 from pipeline.plots.recovery import recovery_family, recovery_widths
 from pipeline.recovery.chain import Chain, init_stack, member
-from pipeline.recovery.cluster import ClusterHparams, cluster_layer, symmetry_of
+from pipeline.recovery.cluster import (
+    ADDITIONS,
+    ClusterHparams,
+    cluster_layer,
+    preset,
+    symmetry_of,
+    without,
+)
 from pipeline.recovery.collapse import RecoveryFailed, reconstruct
 from pipeline.recovery.evaluate import compare, recovery_table
+from pipeline.recovery.plan import toy_family
 from pipeline.recovery.students import ExpandHparams, FitHparams, fit, train_students
-from pipeline.recovery.study import make_teacher, toy_family
+from pipeline.recovery.study import make_teacher
 from pipeline.recovery.teachers import ProbeData, probe_distribution
 
+ROOT = Path(__file__).resolve().parents[1]
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus")
+GAINS = {"sigmoid": 2.0}
+DEEP_SHAPES = {"2 layers": [(6, 8), (3, 5)], "3 layers": [(6, 8), (4, 6), (3, 4)]}
 
-def family(count: int, epochs: int, out: Path) -> None:
-    expand = ExpandHparams(
-        students=10,
-        rho=4,
-        seed=0,
-        fit=FitHparams(
-            lr=1e-2,
-            batch_size=0,
-            max_epochs=epochs,
-            plateau_patience=100,
-            plateau_cooldown=50,
-            min_lr=1e-7,
-            log_every=max(epochs // 4, 1),
-        ),
+
+def default_study() -> dict:
+    """The embedded default's recovery study: its student and cluster settings."""
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    return config["studies"]["recovery"]
+
+
+def rules() -> dict[str, ClusterHparams]:
+    """The published rule, ours, and ours minus each addition."""
+    base = ClusterHparams.from_dict(default_study().get("cluster", {}))
+    out = {"published": replace(preset("published"), gamma=base.gamma, beta=base.beta)}
+    out["pipeline"] = base
+    for name in ADDITIONS:
+        out[f"pipeline - {name}"] = without(name, base)
+    return out
+
+
+def _append(path: Path, rows: pd.DataFrame) -> None:
+    table = pd.concat([io.read_parquet(path), rows], ignore_index=True) if path.exists() else rows
+    io.write_parquet(path, table)
+
+
+def _failed(name: str, chain: Chain, students, err: Exception) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "problem": name,
+                "layer": layer,
+                "teacher_width": width,
+                "inferred_width": 0,
+                "excess": 0,
+                "max_d_w": 1.0,
+                "median_d_w": 1.0,
+                "unique_matches": 0,
+                "best_student_test": float(students.test_loss.min()),
+                "reconstruction_test": float("nan"),
+                "recovered": False,
+                "error": str(err),
+            }
+            for layer, width in zip(chain.layers, chain.widths, strict=False)
+        ]
     )
-    cluster = ClusterHparams(
-        final=FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=200, log_every=50)
-    )
-    tables, neurons = [], []
-    started = time.perf_counter()
-    for name, spec in toy_family(
-        count, seed=0, min_angle=15.0, min_outgoing=0.3, gains={"sigmoid": 2.0}
-    ).items():
-        t0 = time.perf_counter()
-        chain, params = make_teacher(spec)
-        data = probe_distribution(chain, params, 1000, 1000, seed=1)
-        s_chain, students = train_students(chain, data, expand)
+
+
+def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
+    """The trained students of a problem (deterministic on the CPU, so cached in ``cache``
+    and shared by the runs of every part): ``(chain, result, CPU seconds of the training)``."""
+    path = cache / f"{name}-{expand.dtype}.pt" if cache else None
+    if path is not None and path.exists():
+        raw = torch.load(path, weights_only=False)
+        return raw["chain"], raw["students"], raw["seconds"]
+    t0 = time.process_time()
+    s_chain, students = train_students(chain, data, expand)
+    seconds = time.process_time() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"chain": s_chain, "students": students, "seconds": seconds}, path)
+    return s_chain, students, seconds
+
+
+def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None):
+    """Students of one problem, clustered by every rule in ``variants``: per rule, the
+    recovery table (one row per layer) with the rule, seconds and student seconds."""
+    chain, params = make_teacher(spec)
+    data = probe_distribution(chain, params, probes, 1000, seed=1)
+    s_chain, students, student_seconds = students_of(name, chain, data, expand, cache)
+    tables = []
+    for rule, h in variants.items():
+        t0 = time.process_time()
         try:
-            rec = reconstruct(s_chain, students, data, cluster)
-            rows, layers = compare(chain, params, rec.chain, rec.params)
+            rec = reconstruct(s_chain, students, data, h)
+            _, layers = compare(chain, params, rec.chain, rec.params)
             table = recovery_table(
                 name, layers, students.test_loss, float(rec.finetune.test_loss[0])
-            )
-            neurons.append(rows.assign(problem=name))
+            ).assign(error="")
         except RecoveryFailed as err:
-            table = pd.DataFrame(
-                [
-                    {
-                        "problem": name,
-                        "layer": chain.layers[0],
-                        "teacher_width": chain.widths[0],
-                        "inferred_width": 0,
-                        "excess": 0,
-                        "max_d_w": 1.0,
-                        "median_d_w": 1.0,
-                        "unique_matches": 0,
-                        "best_student_test": float(students.test_loss.min()),
-                        "reconstruction_test": float("nan"),
-                        "recovered": False,
-                    }
-                ]
+            table = _failed(name, chain, students, err)
+        tables.append(
+            table.assign(
+                rule=rule,
+                activation=spec["activation"],
+                min_angle=spec.get("min_angle", 0.0),
+                depth=len(spec["widths"]),
+                seconds=time.process_time() - t0,
+                student_seconds=student_seconds,
+                best_student_train=float(students.train_loss.min()),
             )
-            print(f"  {name}: {err}")
-        table["seconds"] = time.perf_counter() - t0
-        tables.append(table)
-        row = table.iloc[0]
+        )
+    return pd.concat(tables, ignore_index=True)
+
+
+def expand_settings(dtype: str | None = None) -> ExpandHparams:
+    h = ExpandHparams.from_dict(default_study()["expand"])
+    return replace(h, dtype=dtype) if dtype else h
+
+
+def family(count: int, out: Path, chosen: list[str], table: str = "family_rules") -> None:
+    path = out / f"{table}.parquet"
+    done = set(io.read_parquet(path).problem) if path.exists() else set()
+    variants = {k: v for k, v in rules().items() if k in chosen}
+    problems = toy_family(
+        count,
+        seed=0,
+        activations=ACTIVATIONS,
+        min_angles=(5.0, 30.0),
+        min_outgoing=0.3,
+        gains=GAINS,
+    )
+    for name, spec in problems.items():
+        if name in done:
+            continue
+        table = solve(name, spec, 1000, expand_settings(), variants, out / "students")
+        _append(path, table)
+        mine = table[table.rule == "pipeline"].iloc[0] if "pipeline" in variants else table.iloc[0]
         print(
-            f"  {name:22s} width {row.teacher_width} -> {row.inferred_width}  max d_w "
-            f"{row.max_d_w:.1e}  held-out {row.reconstruction_test:.1e} (best student "
-            f"{row.best_student_test:.1e})  {'ok' if row.recovered else 'FAILED'}  "
-            f"{row.seconds:.0f}s",
+            f"  {name:26s} width {mine.teacher_width} -> {mine.inferred_width}  max d_w "
+            f"{mine.max_d_w:.1e}  held-out {mine.reconstruction_test:.1e} (best student "
+            f"{mine.best_student_test:.1e})  "
+            + " ".join(
+                f"{r}:{'ok' if ok else 'x'}"
+                for r, ok in table.groupby("rule").recovered.all().items()
+            ),
             flush=True,
         )
-    table = pd.concat(tables, ignore_index=True)
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_parquet(out / "family.parquet", table)
-    if neurons:
-        io.write_parquet(out / "family_neurons.parquet", pd.concat(neurons, ignore_index=True))
-    recovery_family({"table": table}, {}, out / "family.pdf", out / "family.png")
-    recovery_widths({"table": table}, {}, out / "family_widths.pdf", out / "family_widths.png")
-    rate = table.groupby("problem").recovered.all().mean()
-    print(
-        f"family: {len(table)} problems, recovery rate {rate:.0%} (paper: 80% at rho = 4), "
-        f"{time.perf_counter() - started:.0f}s; table and figures in {out}"
+
+
+def deep_family(seeds: int) -> dict[str, tuple[str, dict]]:
+    """``name -> (shape, teacher)``: ``seeds`` teachers per shape and activation, taken in
+    turn (every shape and activation has some before any has all)."""
+    groups = []
+    for shape, ranges in DEEP_SHAPES.items():
+        for act in ("tanh", "sigmoid", "relu"):
+            problems = toy_family(
+                seeds,
+                seed=len(ranges),
+                activations=(act,),
+                input_dims=(6, 10),
+                widths=ranges,
+                gains={"tanh": 2.0, "sigmoid": 4.0, "relu": 2.0},
+                min_angle=30.0,
+                min_outgoing=0.5,
+            )
+            groups.append([(name, (shape, spec)) for name, spec in problems.items()])
+    return dict(item for turn in zip(*groups, strict=True) for item in turn)
+
+
+def deep(seeds: int, out: Path, chosen: list[str]) -> None:
+    path = out / "deep.parquet"
+    done = set(io.read_parquet(path).problem) if path.exists() else set()
+    variants = {k: v for k, v in rules().items() if k in chosen}
+    for name, (shape, spec) in deep_family(seeds).items():
+        if name in done:
+            continue
+        table = solve(name, spec, 2000, expand_settings(), variants, out / "students")
+        table = table.assign(shape=shape)
+        _append(path, table)
+        for rule, rows in table.groupby("rule", sort=False):
+            widths = ", ".join(f"{r.teacher_width}->{r.inferred_width}" for r in rows.itertuples())
+            print(
+                f"  {name:26s} {rule:12s} widths {widths}  max d_w "
+                + ", ".join(f"{d:.0e}" for d in rows.max_d_w)
+                + f"  {'recovered' if rows.recovered.all() else 'NOT recovered'}"
+                f"  {rows.seconds.iloc[0] + rows.student_seconds.iloc[0]:.0f}s",
+                flush=True,
+            )
+
+
+def dtypes(count: int, out: Path) -> None:
+    """CPU seconds per problem (students, then reconstruction) with float32 and float64
+    students, interleaved, and the distances each gives."""
+    path = out / "dtype.parquet"
+    done = set(io.read_parquet(path).problem) if path.exists() else set()
+    problems = toy_family(
+        count,
+        seed=0,
+        activations=ACTIVATIONS,
+        min_angles=(5.0, 30.0),
+        min_outgoing=0.3,
+        gains=GAINS,
     )
-    failures = table[~table.recovered]
-    for r in failures.itertuples():
-        near = ""
-        if neurons:
-            all_rows = pd.concat(neurons)
-            mine = all_rows[(all_rows.problem == r.problem) & (all_rows.kind == "teacher")]
-            near = " nearest d_w " + ", ".join(f"{d:.1e}" for d in mine.d_w)
+    for name, spec in problems.items():
+        if name in done:
+            continue
+        rows = []
+        for dtype in ("float32", "float64"):
+            table = solve(
+                name, spec, 1000, expand_settings(dtype), {"pipeline": rules()["pipeline"]}
+            )
+            rows.append(table.assign(dtype=dtype))
+        table = pd.concat(rows, ignore_index=True)
+        _append(path, table)
         print(
-            f"  failure {r.problem}: width {r.teacher_width} -> {r.inferred_width}, "
-            f"excess {r.excess},{near}"
+            f"  {name:26s} "
+            + "  ".join(
+                f"{r.dtype}: students {r.student_seconds:.1f}s + clustering {r.seconds:.1f}s, "
+                f"max d_w {r.max_d_w:.0e} {'ok' if r.recovered else 'x'}"
+                for r in table.itertuples()
+            ),
+            flush=True,
+        )
+
+
+def summary(out: Path) -> None:
+    path = out / "family_rules.parquet"
+    if path.exists():
+        table = io.read_parquet(path)
+        ablation = out / "family_ablation.parquet"
+        if ablation.exists():  # the same students, the other rules (maybe on fewer problems)
+            table = pd.concat([table, io.read_parquet(ablation)], ignore_index=True)
+        per = table.groupby(["rule", "problem"], sort=False).recovered.all().reset_index()
+        rate = per.groupby("rule", sort=False).recovered.agg(["mean", "sum", "count"])
+        base = rate.loc["pipeline", "mean"] if "pipeline" in rate.index else float("nan")
+        print(f"\nablation over the toy family ({rate['count'].max()} problems, same students):")
+        print(f"  {'rule':34s} {'recovered':>10s} {'rate':>6s} {'vs pipeline':>12s}")
+        for rule, r in rate.iterrows():
+            print(
+                f"  {rule:34s} {int(r['sum']):4d}/{int(r['count']):<5d} {r['mean']:6.0%} "
+                f"{r['mean'] - base:+12.0%}"
+            )
+        mine = per[per.rule == "pipeline"].merge(table[["problem", "activation", "min_angle"]])
+        if len(mine):
+            mine = mine.drop_duplicates("problem")
+            by_act = mine.groupby("activation").recovered.mean()
+            print(
+                "  pipeline rule by activation: "
+                + ", ".join(f"{a} {r:.0%}" for a, r in by_act.items())
+            )
+            bins = pd.cut(mine.min_angle, [0, 10, 15, 20, 30])
+            by_angle = mine.groupby(bins, observed=True).recovered.mean()
+            print("  by minimum angle: " + ", ".join(f"{b} {r:.0%}" for b, r in by_angle.items()))
+        pipeline = table[table.rule == "pipeline"]
+        if len(pipeline):
+            recovery_family({"table": pipeline}, {}, out / "family.pdf", out / "family.png")
+            recovery_widths(
+                {"table": pipeline}, {}, out / "family_widths.pdf", out / "family_widths.png"
+            )
+            for r in pipeline[~pipeline.recovered].itertuples():
+                print(
+                    f"  pipeline failure {r.problem}: width {r.teacher_width} -> "
+                    f"{r.inferred_width}, max d_w {r.max_d_w:.1e} {r.error}"
+                )
+    path = out / "deep.parquet"
+    if path.exists():
+        table = io.read_parquet(path)
+        table["index"] = table.groupby(["rule", "problem"]).cumcount() + 1
+        table["layer_ok"] = (table.teacher_width == table.inferred_width) & (table.max_d_w < 1e-3)
+        print("\ndeep family (rate per layer, overall):")
+        for (rule, shape, act), rows in table.groupby(["rule", "shape", "activation"], sort=False):
+            per_layer = rows.groupby("index").layer_ok.mean()
+            overall = rows.groupby("problem").recovered.all()
+            print(
+                f"  {rule:10s} {shape:9s} {act:8s} "
+                + " ".join(f"L{i} {r:4.0%}" for i, r in per_layer.items())
+                + f"  overall {overall.mean():4.0%} ({int(overall.sum())}/{len(overall)})"
+            )
+        for rule, rows in table.groupby("rule", sort=False):
+            overall = rows.groupby("problem").recovered.all()
+            rate = f"{overall.mean():.0%} ({int(overall.sum())}/{len(overall)})"
+            print(f"  {rule}: all deep problems {rate}")
+    path = out / "dtype.parquet"
+    if path.exists():
+        table = io.read_parquet(path).drop_duplicates(["problem", "dtype"])
+        wide = {
+            col: table.pivot(index="problem", columns="dtype", values=col)
+            for col in ("student_seconds", "seconds", "max_d_w", "recovered")
+        }
+        ok = wide["recovered"].astype(bool)
+        seconds, clustering = wide["student_seconds"], wide["seconds"]
+        print(
+            f"\nfloat32 vs float64 students ({len(ok)} problems, CPU s, medians): students "
+            f"{seconds.float32.median():.1f} vs {seconds.float64.median():.1f} (float64/float32 "
+            f"{(seconds.float64 / seconds.float32).median():.2f}x), clustering "
+            f"{clustering.float32.median():.1f} vs {clustering.float64.median():.1f}; recovered "
+            f"{int(ok.float32.sum())} vs {int(ok.float64.sum())}; worst max d_w of the "
+            f"recovered {wide['max_d_w'].float32[ok.float32].max():.0e} vs "
+            f"{wide['max_d_w'].float64[ok.float64].max():.0e}"
         )
 
 
@@ -174,16 +389,18 @@ def clustering_speed(count: int, dim: int, label: str) -> None:
     clusters = 3 * per_student // 4
     centres = torch.randn(clusters, dim, generator=gen, dtype=torch.float64)
     vectors, owner = [], []
-    for s in range(10):
+    for _ in range(10):
         noise = 1e-3 * torch.randn(clusters, dim, generator=gen, dtype=torch.float64)
         signs = torch.randint(0, 2, (clusters, 1), generator=gen).to(torch.float64) * 2 - 1
         scale = 0.5 + torch.rand(clusters, 1, generator=gen, dtype=torch.float64)
         vectors.append(signs * scale * (centres + noise))
         vectors.append(torch.randn(per_student - clusters, dim, generator=gen, dtype=torch.float64))
-        owner += [s] * per_student
+        owner += [len(owner) // per_student] * per_student
     v, owner = torch.cat(vectors), np.array(owner)
     t0 = time.perf_counter()
-    result = cluster_layer(v, owner, np.arange(10), symmetry_of("relu"), 10, 0.5, 30.0, "bench")
+    result = cluster_layer(
+        v, owner, np.arange(10), symmetry_of("relu"), 10, ClusterHparams(), "bench"
+    )
     seconds = time.perf_counter() - t0
     print(
         f"  {label:24s} {len(v):6d} x {dim:4d}: {seconds:6.1f} s, {len(result.members)} of "
@@ -192,68 +409,7 @@ def clustering_speed(count: int, dim: int, label: str) -> None:
     )
 
 
-def deep(epochs: int, seeds=range(1, 5)) -> None:
-    """Two-hidden-layer tanh teachers (10 inputs, widths 4 and 3, gain 2; the acceptance test's
-    teacher is seed 1) over several seeds: inferred widths and distances per layer."""
-    recovered = 0
-    for seed in seeds:
-        spec = {
-            "kind": "toy",
-            "input_dim": 10,
-            "widths": [4, 3],
-            "activation": "tanh",
-            "gain": 2.0,
-            "min_angle": 30.0,
-            "min_outgoing": 0.5,
-            "seed": seed,
-        }
-        chain, params = make_teacher(spec)
-        data = probe_distribution(chain, params, 2000, 1000, seed=1)
-        t0 = time.perf_counter()
-        fit_h = FitHparams(
-            lr=1e-2,
-            batch_size=0,
-            max_epochs=epochs,
-            plateau_patience=50,
-            plateau_cooldown=50,
-            min_lr=1e-6,
-            log_every=1000,
-        )
-        s_chain, students = train_students(chain, data, ExpandHparams(10, 4, 0, fit_h))
-        cluster = ClusterHparams(
-            finetune=replace(fit_h, lr=1e-3, max_epochs=1500),
-            final=FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=60, log_every=10),
-        )
-        try:
-            rec = reconstruct(s_chain, students, data, cluster)
-        except RecoveryFailed as err:
-            print(f"  deep teacher seed {seed}: {err}")
-            continue
-        rows, layers = compare(chain, params, rec.chain, rec.params)
-        ok = bool(
-            (layers.teacher_width == layers.inferred_width).all() and (layers.max_d_w < 1e-3).all()
-        )
-        recovered += ok
-        widths = ", ".join(f"{r.teacher_width}->{r.inferred_width}" for r in layers.itertuples())
-        print(
-            f"  deep teacher seed {seed}: widths {widths}, max d_w "
-            f"{', '.join(f'{d:.0e}' for d in layers.max_d_w)}, best student held-out "
-            f"{float(students.test_loss.min()):.1e}, reconstruction "
-            f"{float(rec.finetune.test_loss[0]):.1e}, {'recovered' if ok else 'NOT recovered'}, "
-            f"{time.perf_counter() - t0:.0f}s",
-            flush=True,
-        )
-    print(f"  deep teachers recovered: {recovered}/{len(seeds)}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=3000)
-    parser.add_argument("--quick", action="store_true", help="fewer problems and epochs")
-    parser.add_argument("--out", type=Path, default=Path("results/bench_recovery"))
-    args = parser.parse_args()
-    problems, epochs = (4, 1500) if args.quick else (args.problems, args.epochs)
+def speed() -> None:
     for threads in (1, 2):
         torch.set_num_threads(threads)
         print(f"students, N = 10, vectorised vs sequential ({threads} thread(s), float32):")
@@ -263,12 +419,43 @@ def main() -> None:
     print("clustering (2 threads):")
     clustering_speed(20_000, 11, "11-D (target < 30 s)")
     clustering_speed(2_000, 785, "785-D")
-    torch.set_num_threads(1)
-    print(f"toy family ({problems} problems, {epochs} student epochs, 1 thread):")
-    family(problems, epochs, args.out)
-    if not args.quick:
-        print("two-hidden-layer teachers (2,000 student epochs as in the test, 1 thread):")
-        deep(2_000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--parts", nargs="+", default=["family", "ablation", "deep", "dtype", "speed"]
+    )
+    parser.add_argument("--problems", type=int, default=24)
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--dtype-problems", type=int, default=8)
+    parser.add_argument(
+        "--ablation-problems", type=int, default=24, help="problems for ours minus each addition"
+    )
+    parser.add_argument("--rules", nargs="+", default=None, help="family/deep rules (default: all)")
+    parser.add_argument("--deep-rules", nargs="+", default=["pipeline", "published"])
+    parser.add_argument("--out", type=Path, default=Path("results/bench_recovery"))
+    parser.add_argument("--summary", action="store_true", help="only print the tables' summary")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summary:
+        torch.set_num_threads(1)
+        if "family" in args.parts:
+            print(f"toy family ({args.problems} problems, 1 thread):")
+            family(args.problems, args.out, args.rules or ["published", "pipeline"])
+        if "ablation" in args.parts:
+            print(f"ablation ({args.ablation_problems} problems of the family, 1 thread):")
+            minus = [k for k in rules() if k.startswith("pipeline - ")]
+            family(args.ablation_problems, args.out, minus, "family_ablation")
+        if "deep" in args.parts:
+            print(f"deep family ({args.seeds} seeds per shape, 1 thread):")
+            deep(args.seeds, args.out, args.deep_rules)
+        if "dtype" in args.parts:
+            print("float32 vs float64 students (1 thread):")
+            dtypes(args.dtype_problems, args.out)
+        if "speed" in args.parts:
+            speed()
+    summary(args.out)
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def test_planted_neurons_are_clustered_and_every_drop_is_reported():
             owner.append(s)
     v, owner = torch.stack(vectors), np.array(owner)
     rank = np.arange(10)[::-1].copy()
-    clusters = cluster_layer(v, owner, rank, symmetry_of("relu"), 10, 0.5, 30.0, "fc1")
+    clusters = cluster_layer(v, owner, rank, symmetry_of("relu"), 10, ClusterHparams(), "fc1")
     assert len(clusters.members) == 5
     unit = torch.nn.functional.normalize(v, dim=1)
     found = torch.nn.functional.normalize(
@@ -257,7 +257,7 @@ def test_planted_neurons_are_clustered_and_every_drop_is_reported():
         owners = set(owner[members].tolist())
         assert winner == max(owners)  # the best-ranked owner (rank: 9 best)
     with pytest.raises(ValueError, match="gamma"):
-        cluster_layer(v, owner, rank, symmetry_of("relu"), 10, 0.1, 30.0, "fc1")
+        cluster_layer(v, owner, rank, symmetry_of("relu"), 10, ClusterHparams(gamma=0.1), "fc1")
 
 
 def test_constant_inputs_fold_into_the_bias_exactly():
@@ -327,7 +327,7 @@ def test_duplicated_scaled_and_flipped_neurons_collapse_exactly(activation):
     h = ClusterHparams(final=FitHparams(max_epochs=0), min_nonlinearity=0.0, min_contribution=0.0)
     rec = reconstruct(chain, result, data, h)
     assert rec.widths == (3,)
-    assert rec.collapsed_chain.skip == (sym.sign == "even_linear")
+    assert rec.collapsed_chain.skips == ((1,) if sym.sign == "even_linear" else ())
     out = forward(rec.collapsed_chain, rec.before_finetune, x)[0]
     torch.testing.assert_close(out, data.y, rtol=0, atol=1e-10)
 
@@ -352,12 +352,12 @@ def test_leftover_neurons_do_not_set_the_cut(extra, seed):
             owner.append(s)
     v, owner, rank = torch.stack(vectors), np.array(owner), np.arange(10)
 
-    def found(tight):
-        return cluster_layer(
-            v, owner, rank, symmetry_of("relu"), 10, 0.5, 30.0, "fc1", tight_count=tight
-        )
+    def found(tight, distinct=False):
+        h = ClusterHparams(tight_count=tight, distinct=distinct)
+        return cluster_layer(v, owner, rank, symmetry_of("relu"), 10, h, "fc1")
 
     assert len(found(False).members) < 5
+    assert len(found(True, distinct=True).members) == 5
     clusters = found(True)
     assert len(clusters.members) == 5
     unit = torch.nn.functional.normalize(v, dim=1)
@@ -422,14 +422,61 @@ def test_a_count_spike_of_fragments_does_not_set_the_cut(seed):
                 owner.append(s)
     v, owner = torch.stack(vectors), np.array(owner)
 
-    def found(tight):
-        return cluster_layer(
-            v, owner, np.arange(10), symmetry_of("relu"), 10, 0.5, 30.0, "fc1", tight_count=tight
-        )
+    def found(tight, distinct=False):
+        h = ClusterHparams(tight_count=tight, distinct=distinct)
+        return cluster_layer(v, owner, np.arange(10), symmetry_of("relu"), 10, h, "fc1")
 
     assert len(found(False).members) == 4
+    assert len(found(True, distinct=True).members) == 5
     clusters = found(True)
     centres = torch.stack([v[m].mean(0) for m in clusters.members])
     cos = torch.nn.functional.normalize(centres, dim=1) @ d.T
     assert sorted(cos.argmax(dim=1).tolist()) == list(range(5))
     assert (cos.max(dim=1).values > 1 - 1e-3).all()
+
+
+@pytest.mark.parametrize("activation,seed", [("relu", 0), ("relu", 1), ("softplus", 2)])
+def test_a_layers_correction_lives_in_its_own_input_space(activation, seed):
+    """Collapsed stacks whose first hidden layer holds the teacher's neurons, some flipped
+    (``sigma(-z) = sigma(z) - z``) and rescaled, with the teacher's outgoing weights: the
+    correction fitted in that layer's input space (a skip into the second hidden layer) and the
+    orientation that makes it vanish give back the teacher exactly, every neuron in the
+    teacher's orientation and no skip left. The same for the last hidden layer and the output."""
+    from pipeline.recovery.collapse import _correct, correct_layer
+
+    gen = torch.Generator().manual_seed(seed)
+    teacher, t_params = make_toy_teacher(
+        ToyTeacher(5, (4, 3), activation, outputs=2, gain=1.5, min_angle=30, seed=seed)
+    )
+    stacked = {k: v.expand(3, *v.shape[1:]).clone() for k, v in t_params.items()}
+    sym = symmetry_of(activation)
+    x = torch.randn(600, 5, generator=gen, dtype=F64)
+
+    def collapse_flipped(params, layer):
+        """Neurons of hidden ``layer`` flipped at random (the first always) and rescaled where
+        scaling is a symmetry, outgoing weights unchanged up to the scale (as merged)."""
+        flip = torch.rand(teacher.widths[layer], generator=gen) < 0.5
+        flip[0] = True
+        scale = (0.5 + torch.rand(teacher.widths[layer], generator=gen, dtype=F64)) ** sym.scale
+        factor = torch.where(flip, -1.0, 1.0).to(F64) * scale
+        name, nxt = teacher.layers[layer], teacher.layers[layer + 1]
+        params = dict(params)
+        params[f"{name}.weight"] = params[f"{name}.weight"] * factor[:, None]
+        params[f"{name}.bias"] = params[f"{name}.bias"] * factor
+        params[f"{nxt}.weight"] = params[f"{nxt}.weight"] / scale
+        return params
+
+    chain, fixed = correct_layer(teacher, stacked, teacher, collapse_flipped(stacked, 0), 0, x, sym)
+    assert chain.skips == (1,)
+    assert float(fixed["skip.fc2.weight"].abs().max()) < 1e-9
+    torch.testing.assert_close(forward(chain, fixed, x), forward(teacher, stacked, x))
+    cos = torch.nn.functional.cosine_similarity(fixed["fc1.weight"][0], t_params["fc1.weight"][0])
+    assert (cos > 1 - 1e-12).all()  # every neuron back in the teacher's orientation
+    # the last hidden layer: its flips leave a linear term in ITS inputs (the first layer's
+    # activations); fitted from the network inputs instead, it would not vanish
+    one = {k: v[:1] for k, v in collapse_flipped(fixed, 1).items()}
+    data = ProbeData(x, forward(teacher, t_params, x)[0], x[:10], x[:10, :2])
+    net_chain, net = _correct(chain, one, data, sym)
+    assert net_chain.skips == (1, 2)
+    assert float(net["skip.out.weight"].abs().max()) < 1e-9
+    torch.testing.assert_close(forward(net_chain, net, x)[0], data.y, rtol=0, atol=1e-10)

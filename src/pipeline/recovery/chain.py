@@ -1,10 +1,13 @@
 """Fully connected chains (MLPs) as stacked parameters: N same-shape networks in one tensor program.
 
 A :class:`Chain` is ``x -> act(W_1 x + b_1) -> ... -> act(W_L h + b_L) -> W_out h + b_out``
-(plus, optionally, an affine *skip* ``S x + s`` added to the output: the affine correction of
-Expand-and-Cluster for activations whose sign flip leaves a linear term). Its parameter names
-are those of the registered ``mlp`` model (``fc1.weight [w_1, d]``, ..., ``out.bias [o]``), so a
-stacked parameter dict ``{name: [N, *shape]}`` holds N ``mlp`` state dicts.
+(plus, optionally, linear *skips*: Linear ``j`` in ``skips`` (1-based over the layers after the
+first) also reads the input of Linear ``j - 1``, ``z_j = W_j h_j + S_j h_{j-1} + b_j``, weight
+``skip.<name>.weight [fan_out, fan_in(j - 1)]``: the affine correction of Expand-and-Cluster for
+activations whose sign flip leaves a linear term, ``sigma(-z) = sigma(z) - z``, which lives in
+the flipped neuron's own input space). Its other parameter names are those of the registered
+``mlp`` model (``fc1.weight [w_1, d]``, ..., ``out.bias [o]``), so a stacked parameter dict
+``{name: [N, *shape]}`` without skips holds N ``mlp`` state dicts.
 
 :func:`chain_of` reads a chain from a model's neuron structure (one branch per group, no
 normalisation, each group read by the next Linear only) and refuses anything else.
@@ -30,11 +33,14 @@ class Chain:
     outputs: int
     activation: str = "relu"
     bias: bool = True
-    skip: bool = False
+    skips: tuple[int, ...] = ()  # Linear indices (1..depth) that also read the layer below's input
     layers: tuple[str, ...] = ()  # Linear names, hidden then output; default fc1..fcL, out
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        object.__setattr__(self, "skips", tuple(sorted({int(j) for j in self.skips})))
+        if any(not 1 <= j <= len(self.widths) for j in self.skips):
+            raise ValueError(f"chain: skips {self.skips} outside 1..{len(self.widths)}")
         if not self.layers:
             names = tuple(f"fc{i}" for i in range(1, len(self.widths) + 1)) + ("out",)
             object.__setattr__(self, "layers", names)
@@ -62,13 +68,15 @@ class Chain:
             out[f"{name}.weight"] = (self.fan_out(i), self.fan_in(i))
             if self.bias:
                 out[f"{name}.bias"] = (self.fan_out(i),)
-        if self.skip:
-            out["skip.weight"] = (self.outputs, self.input_dim)
-            out["skip.bias"] = (self.outputs,)
+        for j in self.skips:
+            out[skip_name(self, j)] = (self.fan_out(j), self.fan_in(j - 1))
         return out
 
     def with_widths(self, widths) -> Chain:
         return replace(self, widths=tuple(widths))
+
+    def with_skips(self, skips) -> Chain:
+        return replace(self, skips=tuple(skips))
 
     def model_options(self) -> dict:
         """Options of the registered ``mlp`` model with this architecture (no skip)."""
@@ -115,9 +123,14 @@ def chain_of(structure: NeuronStructure, input_dim: int) -> Chain:
         structure.output.size,
         acts.pop(),
         bool(bias),
-        False,
+        (),
         (*names, out_layer),
     )
+
+
+def skip_name(chain: Chain, j: int) -> str:
+    """Parameter name of the skip into Linear ``j`` (from the input of Linear ``j - 1``)."""
+    return f"skip.{chain.layers[j]}.weight"
 
 
 # -- stacked parameters ---------------------------------------------------------------------------
@@ -151,34 +164,59 @@ def unflatten(chain: Chain, flat: torch.Tensor) -> dict:
 
 def forward(chain: Chain, params: dict, x: torch.Tensor) -> torch.Tensor:
     """Outputs ``[N, B, o]`` of the N stacked networks for ``x [B, d]`` or ``[N, B, d]``."""
+    return states(chain, params, x)[-1]
+
+
+def _linear(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h [B, i]`` (shared: one GEMM over every network's rows) or ``[N, B, i]`` times ``w [N,
+    o, i]`` transposed: ``[N, B, o]``."""
+    if h.dim() == 2:
+        n = w.shape[0]
+        return (h @ w.reshape(-1, w.shape[-1]).T).reshape(h.shape[0], n, -1).transpose(0, 1)
+    return torch.bmm(h, w.transpose(1, 2))
+
+
+def states(chain: Chain, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every Linear and the output: ``[x, h_1, ..., h_L, out]``, hidden ones and
+    the output ``[N, B, *]`` (``x`` as given, ``[B, d]`` or ``[N, B, d]``)."""
     act = make_activation(chain.activation)
-    n = params[f"{chain.layers[0]}.weight"].shape[0]
-    inputs = x
-    h = x
+    out = [x]
     for i, name in enumerate(chain.layers):
-        w = params[f"{name}.weight"]
-        if h.dim() == 2:  # shared input: one GEMM over every network's neurons
-            h = (h @ w.reshape(-1, w.shape[-1]).T).reshape(h.shape[0], n, -1).transpose(0, 1)
-        else:
-            h = torch.bmm(h, w.transpose(1, 2))
+        z = _linear(out[i], params[f"{name}.weight"])
         if chain.bias:
-            h = h + params[f"{name}.bias"][:, None, :]
-        if i < chain.depth:
-            h = act(h)
-    if chain.skip:
-        s = params["skip.weight"]
-        lin = inputs @ s.transpose(1, 2) if inputs.dim() == 3 else torch.matmul(inputs, s.mT)
-        h = h + lin + params["skip.bias"][:, None, :]
-    return h
+            z = z + params[f"{name}.bias"][:, None, :]
+        if i in chain.skips:
+            z = z + _linear(out[i - 1], params[skip_name(chain, i)])
+        out.append(act(z) if i < chain.depth else z)
+    return out
 
 
 def incoming(chain: Chain, params: dict, layer: int) -> torch.Tensor:
-    """Each hidden neuron's incoming vector ``[w; b]``: ``[N, width, fan_in (+1)]``."""
+    """Each hidden neuron's incoming vector ``[w; s; b]`` (``s``: its skip row, where Linear
+    ``layer`` has a skip): ``[N, width, fan_in (+ skip fan_in) (+1)]``."""
     name = chain.layers[layer]
-    w = params[f"{name}.weight"]
-    if not chain.bias:
-        return w
-    return torch.cat([w, params[f"{name}.bias"][..., None]], dim=-1)
+    parts = [params[f"{name}.weight"]]
+    if layer in chain.skips:
+        parts.append(params[skip_name(chain, layer)])
+    if chain.bias:
+        parts.append(params[f"{name}.bias"][..., None])
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+
+def with_incoming(chain: Chain, params: dict, layer: int, v: torch.Tensor) -> dict:
+    """``params`` with Linear ``layer``'s rows replaced by the incoming vectors ``v [N, width,
+    k]`` (the layout of :func:`incoming`)."""
+    name = chain.layers[layer]
+    params = dict(params)
+    k = chain.fan_in(layer)
+    params[f"{name}.weight"] = v[..., :k].contiguous()
+    if layer in chain.skips:
+        k2 = k + chain.fan_in(layer - 1)
+        params[skip_name(chain, layer)] = v[..., k:k2].contiguous()
+        k = k2
+    if chain.bias:
+        params[f"{name}.bias"] = v[..., k].contiguous()
+    return params
 
 
 def outgoing(chain: Chain, params: dict, layer: int) -> torch.Tensor:
@@ -198,11 +236,11 @@ def stack(states: list[dict]) -> dict:
 
 def init_stack(chain: Chain, count: int, seed: int, dtype=torch.float64, tag: str = "student"):
     """``count`` networks, each initialised like the registered ``mlp`` model (network ``n`` from
-    ``seeding.derive(seed, tag, n)``), stacked. A skip starts at zero."""
+    ``seeding.derive(seed, tag, n)``), stacked. Skips start at zero."""
     from pipeline import seeding
     from pipeline.models import build
 
-    states = []
+    inits = []
     for n in range(count):
         model = build(
             "mlp",
@@ -216,11 +254,12 @@ def init_stack(chain: Chain, count: int, seed: int, dtype=torch.float64, tag: st
         renamed = dict(zip(chain.layers, _mlp_layers(chain.depth), strict=True))
         kinds = ("weight", "bias") if chain.bias else ("weight",)
         state = {f"{lay}.{p}": state[f"{renamed[lay]}.{p}"] for lay in chain.layers for p in kinds}
-        if chain.skip:
-            state["skip.weight"] = torch.zeros(chain.outputs, chain.input_dim, dtype=dtype)
-            state["skip.bias"] = torch.zeros(chain.outputs, dtype=dtype)
-        states.append(state)
-    return stack(states)
+        for j in chain.skips:
+            state[skip_name(chain, j)] = torch.zeros(
+                chain.fan_out(j), chain.fan_in(j - 1), dtype=dtype
+            )
+        inits.append(state)
+    return stack(inits)
 
 
 def _mlp_layers(depth: int) -> tuple[str, ...]:

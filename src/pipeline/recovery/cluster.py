@@ -8,38 +8,55 @@ students' neurons pooled, ``M = N x width``) and ``a_i`` its outgoing vector:
    ``a_i``; elsewhere ``u_i = v_i``. Where a sign flip is a symmetry up to a known correction
    (odd: tanh, identity; odd-constant: sigmoid; even-linear: relu, leaky_relu, softplus, gelu,
    silu) the sign is quotiented out by the distance itself, ``d(u, u') = min(|u - u'|,
-   |u + u'|)``, instead of a canonical coordinate's sign (which flips erratically when that
-   coordinate is near zero); each kept cluster is then oriented along its winner's member.
+   |u + u'|)`` (``sign: distance``), instead of a canonical coordinate's sign (``sign:
+   coordinate``, published; it flips erratically when that coordinate is near zero); each kept
+   cluster is then oriented along its winner's member.
 2. *Distances* by matrix products (``|u|^2 + |u'|^2 - 2|u.u'|``), in row blocks straight into
    scipy's condensed vector (near-duplicate pairs, where that form cancels, recomputed
    directly); *average-linkage* (UPGMA) hierarchical clustering.
 3. *Cut* where the number of clusters with support ``>= s = floor(gamma N)`` is largest: one
    pass over the linkage (each merge changes the count by ``[a+b >= s] - [a >= s] - [b >=
-   s]``), merges of equal height grouped (a cut at height t applies all of them). Within the
-   first run of cuts attaining the maximum: the one followed by the largest gap in merge
-   height (the most stable partition; the published code takes the highest cut of the run,
-   ``cut: highest``, where stray neurons join the big clusters and spoil them). Support:
-   distinct students among the members by default (a neuron and its duplicates in one student
-   are one observation; the published code counts members, ``support: members``). Where the
-   vectors are unit (a scale symmetry), a cluster counts only if it formed below the spread
-   limit's height (``tight_count``): with 4x wider students most neurons are leftovers (linear
-   terms, dead units), and high in the tree their loose unions gain enough students to
-   outnumber the real neurons, which would set the cut there and merge real neurons away; and
-   the cut is made in the run of that count which holds longest below the limit (a short spike
-   low in the tree, with a neuron still in two fragments, no longer wins).
+   s]``), merges of equal height grouped (a cut at height t applies all of them). Our rule
+   (``rule: pipeline``) differs from the published one in four switches:
+
+   - ``support: students``: support is the number of distinct students among the members (a
+     neuron and its duplicates in one student are one observation; published: members);
+   - ``tight_count``: a cluster counts only if it formed below the spread limit's height,
+     ``chord(beta)`` x its vectors' mean norm (vectors of norm r within beta of each other are
+     at most ``r chord(beta)`` apart). With 4x wider students most neurons are leftovers
+     (linear terms, dead units), and high in the tree their loose unions gain enough students
+     to outnumber the real neurons, which would set the cut there and merge real neurons
+     away; the cut is then made in the run of that count which holds longest below the limit
+     (a short spike low in the tree, with a neuron still in two fragments, no longer wins);
+   - ``distinct``: a merge whose two sides each hold neurons of the same ``s`` students is
+     never made (nor any above it). A student network holds each teacher neuron once, or as
+     duplicates with one incoming vector (splitting a neuron into copies is an exact symmetry
+     of the student, so its copies are one point up to the fit's noise); two sides that as many
+     students each hold as make a cluster real are therefore two distinct neurons those
+     students each hold, however close their directions (the published cut merges teacher
+     neurons 10-15 degrees apart);
+   - ``cut: gap``: within the chosen run, the cut followed by the largest gap in merge height
+     (the most stable partition; published: the highest cut of the run, ``cut: highest``,
+     where stray neurons join the big clusters and spoil them).
 4. *Filters*: keep clusters of support ``>= s``; drop those whose median pairwise cosine
    distance (``1 - |cos|`` with a sign symmetry, else ``1 - cos``) exceeds ``1 - cos(beta)``;
-   merge kept clusters whose mean directions are within ``merge_angle`` (fragments of one
-   neuron: a student holding two slightly different copies of it can make each fragment big).
-   Every cluster, kept, merged or dropped and why, is a row of the cluster table.
+   with ``winners: k`` (published: 5) drop those none of the k best students owns
+   (``dropped_unowned``). Ours also merges kept clusters whose mean directions are within
+   ``merge_angle`` (``fragments``: a student holding two slightly different copies of a neuron
+   makes two clusters, since ``distinct`` keeps them apart; below ``merge_angle`` they are one
+   neuron, the resolution limit). Every cluster, kept, merged or dropped and why, is a row of
+   the cluster table.
 
-Collapsing the kept clusters into a network is :mod:`pipeline.recovery.collapse`.
+The presets are :func:`preset` (``pipeline``, ``published``); each of our additions is one
+entry of :data:`ADDITIONS` (the settings that switch it off, and why it is there), so that the
+benchmark can run ours minus each of them on the same students. Collapsing the kept clusters
+into a network is :mod:`pipeline.recovery.collapse`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -81,32 +98,187 @@ def symmetry_of(activation: str) -> Symmetry:
     return SYMMETRIES[activation]
 
 
+RULES = ("pipeline", "published")
+
+# The published algorithm (spec: ../shared/specs/modelsym-expand-and-cluster-modules.md, section 2),
+# as ``rule: published``; each value cites the step it reproduces.
+PUBLISHED = {
+    "sign": "coordinate",  # 2.3: flip each vector so its canonical coordinate is positive
+    "support": "members",  # 2.4 steps 3-4: a cluster is big with >= floor(gamma N) members
+    "tight_count": False,  # 2.4 step 3: every big cluster counts ...
+    "cut": "highest",  # ... and the tree is cut at the last height of the first maximal run
+    "distinct": False,  # 2.4 step 3: any two clusters may merge
+    "fragments": False,  # 2.4 steps 5-6: kept clusters are collapsed as they are
+    "winners": 5,  # 2.4 step 6: the best of the 5 best students owning a member (else dropped)
+    "twins": False,  # 2.4 steps 9-10: the finetuned net is the result ...
+    "min_nonlinearity": 0.0,  # ... no neuron is pruned after clustering
+    "prune_rounds": 0,
+    "redundant_trials": 0,
+    "layer_correction": False,  # 2.4 steps 8-9: no correction between layers, one at the end
+    "freeze": False,  # 2.4 step 8: all the students' weights are finetuned between layers
+}
+# 2.4 step 8: finetune between layers, and steps 9-10: the final fit (the affine correction's
+# weights at 10x the rate), Adam with the students' plateau schedule at lr 1e-4, 5000 epochs
+PUBLISHED_FIT = FitHparams(lr=1e-4, max_epochs=5000, batch_size=512)
+
+# Our additions to the published rule: name -> (the settings that switch it off, rationale).
+ADDITIONS = {
+    "sign_by_distance": (
+        {"sign": "coordinate"},
+        "min(|u-u'|, |u+u'|) quotients the sign out; a canonical coordinate near 0 flips copies "
+        "of one neuron apart",
+    ),
+    "support_by_students": (
+        {"support": "members"},
+        "copies of a neuron inside one student are one piece of evidence, not several",
+    ),
+    "tight_count": (
+        {"tight_count": False},
+        "loose unions of leftover neurons high in the tree outnumber the real neurons and would "
+        "set the cut",
+    ),
+    "gap_cut": (
+        {"cut": "highest"},
+        "the most stable partition of the best run; at the highest cut strays join and spoil "
+        "the big clusters",
+    ),
+    "distinct_neurons": (
+        {"distinct": False},
+        "two sides both held by gamma N students are two neurons those students each hold, "
+        "however close",
+    ),
+    "fragment_merge": (
+        {"fragments": False},
+        "kept clusters within merge_angle are fragments of one neuron (two slightly different "
+        "copies in the students)",
+    ),
+    "any_winner": (
+        {"winners": 5},
+        "no kept cluster is lost because none of the five best students owns a member",
+    ),
+    "twin_folding": (
+        {"twins": False},
+        "the final fit can split one neuron into two copies pointing the same way (a saddle)",
+    ),
+    "linear_pruning": (
+        {"min_nonlinearity": 0.0},
+        "students carry linear terms in neurons affine on the data; they are not identifiable",
+    ),
+    "weak_pruning": (
+        {"prune_rounds": 0},
+        "neurons contributing almost nothing after the final fit are not the teacher's",
+    ),
+    "redundant_pruning": (
+        {"redundant_trials": 0},
+        "the teacher is the smallest network with its function: a neuron the refit does "
+        "without is excess",
+    ),
+    "layer_correction": (
+        {"layer_correction": False},
+        "a flipped neuron leaves a linear term in its own input space; fit it per layer, not "
+        "from the inputs at the end",
+    ),
+    "frozen_layers": (
+        {"freeze": False},
+        "the students keep the recovered layers fixed, so the next layer's vectors share one basis",
+    ),
+    "lbfgs_fits": (
+        {"finetune": PUBLISHED_FIT, "final": replace(PUBLISHED_FIT, skip_lr_factor=10.0)},
+        "full-batch L-BFGS polishes the small reconstruction to round-off, where Adam stalls",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ClusterHparams:
+    """How the students are clustered, collapsed and refitted. ``rule`` names the preset the
+    other keys start from: ``pipeline`` (these defaults) or ``published`` (:data:`PUBLISHED`);
+    every key differing between the two is one of :data:`ADDITIONS`."""
+
+    rule: str = "pipeline"
     gamma: float = 0.5
     beta: float = 30.0  # degrees
+    sign: str = "distance"  # distance (sign-invariant distance) | coordinate (published)
     support: str = "students"  # students (distinct owners) | members (the published count)
+    tight_count: bool = True  # the cut counts only clusters formed below beta (unit vectors)
     cut: str = "gap"  # gap (most stable cut of the best run) | highest (the published rule)
-    merge_angle: float = 2.0  # degrees: kept clusters closer than this are one neuron
-    tight_count: bool = True  # the cut counts only clusters formed below beta (False: published)
+    distinct: bool = True  # never merge two sides that gamma N students both hold
+    fragments: bool = True  # merge kept clusters closer than merge_angle
+    merge_angle: float = 2.0  # degrees: the resolution of the fragment merge and twin folding
+    winners: int = 0  # collapse onto the best of this many best students (0: any owner)
+    twins: bool = True  # fold twin neurons of the final fit
     min_nonlinearity: float = 0.02  # drop neurons this close to linear (x a unit neuron's)
     min_contribution: float = 0.01  # after finetuning, drop neurons below this x the largest
     prune_rounds: int = 3  # rounds of dropping unneeded neurons and finetuning again
     redundant_trials: int = 3  # weakest neurons tried for removal per round (0: never)
     redundant_factor: float = 10.0  # a removal stands if the refit loss is within this factor
+    layer_correction: bool = True  # correct each collapsed layer in its own input space
+    freeze: bool = True  # keep recovered layers fixed while the students are refitted
     mask_inputs: bool = True
-    finetune: FitHparams = field(default_factory=lambda: FitHparams(lr=1e-4, max_epochs=5000))
-    final: FitHparams = field(default_factory=lambda: FitHparams(lr=1e-4, max_epochs=5000))
+    finetune: FitHparams = field(default_factory=lambda: DEEP_FINETUNE)
+    final: FitHparams = field(default_factory=lambda: FINAL_FIT)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "cluster") -> ClusterHparams:
         raw = dict(raw)
+        checked_keys(cls, raw, where)
         fits = {
             k: FitHparams(**checked_keys(FitHparams, raw.pop(k), f"{where}.{k}"))
             for k in ("finetune", "final")
             if k in raw
         }
-        return cls(**checked_keys(cls, raw, where), **fits)
+        return replace(preset(raw.pop("rule", "pipeline"), where), **raw, **fits).checked(where)
+
+    def checked(self, where: str = "cluster") -> ClusterHparams:
+        for key, allowed in (
+            ("rule", RULES),
+            ("sign", ("distance", "coordinate")),
+            ("support", ("students", "members")),
+            ("cut", ("gap", "highest")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"{where}.{key}: {getattr(self, key)!r} not allowed; allowed: "
+                    f"{', '.join(allowed)}"
+                )
+        if self.winners < 0:
+            raise ValueError(f"{where}.winners: {self.winners} < 0")
+        return self
+
+
+# the students' refit after each collapsed hidden layer (below the last): full batch, from a
+# tenth of the students' rate, the recovered layers fixed; the deep tests use this default too
+DEEP_FINETUNE = FitHparams(
+    lr=1e-3,
+    batch_size=0,
+    max_epochs=1500,
+    plateau_patience=50,
+    plateau_cooldown=50,
+    min_lr=1e-6,
+    log_every=500,
+)
+FINAL_FIT = FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=200, log_every=50)
+
+
+def preset(rule: str, where: str = "cluster") -> ClusterHparams:
+    """The settings of ``rule``: ``pipeline`` (ours) or ``published``."""
+    if rule == "pipeline":
+        return ClusterHparams()
+    if rule == "published":
+        return ClusterHparams(
+            rule="published",
+            finetune=PUBLISHED_FIT,
+            final=replace(PUBLISHED_FIT, skip_lr_factor=10.0),
+            **PUBLISHED,
+        )
+    raise ValueError(f"{where}.rule: {rule!r} not allowed; allowed: {', '.join(RULES)}")
+
+
+def without(addition: str, base: ClusterHparams | None = None) -> ClusterHparams:
+    """``base`` (default: the pipeline rule) with one of :data:`ADDITIONS` switched off."""
+    if addition not in ADDITIONS:
+        raise ValueError(f"unknown addition {addition!r}; known: {', '.join(ADDITIONS)}")
+    return replace(base or ClusterHparams(), **ADDITIONS[addition][0])
 
 
 # -- canonicalisation and distances -----------------------------------------------------------
@@ -169,44 +341,64 @@ def cut(
     min_support: int,
     owner: np.ndarray | None = None,
     rule: str = "gap",
-    max_height: float | None = None,
+    max_height: float | np.ndarray | None = None,
     run: str = "max",
+    distinct: bool = False,
+    by_owner: bool = True,
 ) -> tuple[np.ndarray, float, int]:
     """Flat cluster labels (1-based) where the number of clusters with support ``>=
     min_support`` is largest: ``(labels, height, count)``; see the module docstring (step 3).
 
-    ``max_height``: a cluster formed by a merge above it does not count (average linkage: its
-    members' mean pairwise distance is at most its merge height, so one formed below a height
-    that stands for the spread limit is tight enough to be kept; loose unions of leftover
-    neurons, which can outnumber the real neurons high up the tree, no longer set the cut).
+    ``max_height``: a cluster formed by a merge above it (a scalar, or one limit per merge)
+    does not count (average linkage: its members' mean pairwise distance is at most its merge
+    height, so one formed below a height that stands for the spread limit is tight enough to
+    be kept; loose unions of leftover neurons, which can outnumber the real neurons high up the
+    tree, no longer set the cut).
     ``run``: ``max``, the first run of cuts attaining the largest count (the published rule), or
     ``stable`` (needs ``max_height``), the run of a nonzero count that holds over the longest
-    stretch of merge height up to ``max_height``: a spike of the count low in the tree (one
-    neuron still in two fragments while another's looser copies have not joined yet) loses to
-    the plateau where every neuron is one cluster.
+    stretch of merge height up to (the largest) ``max_height``: a spike of the count low in the
+    tree (one neuron still in two fragments while another's looser copies have not joined yet)
+    loses to the plateau where every neuron is one cluster.
 
-    Support is the number of members, or with ``owner`` (the student of every leaf) the number
-    of distinct students among the members (several copies of a neuron inside one student are
-    one piece of evidence, not several), tracked as a bit set per cluster. Among the cuts of the
+    ``distinct`` (needs ``owner``): a merge whose two sides share ``>= min_support`` owners is
+    never made, nor any merge above it; both sides stay clusters at every height. A student
+    network holds a teacher neuron once, or as duplicates with one incoming vector (splitting a
+    neuron into copies is a symmetry of the student, so its copies are one point up to the
+    fit's noise); two sides that as many students each hold as make a cluster real are two
+    neurons those students each hold, however close their directions are.
+
+    Support is the number of members, or with ``owner`` (the student of every leaf) and
+    ``by_owner`` the number of distinct students among the members (several copies of a neuron
+    inside one student are one piece of evidence, not several), tracked as a bit set per
+    cluster. Among the cuts of the
     first run attaining the maximum, ``rule`` picks the ``highest`` (the published choice: it
     lets the big clusters swallow every stray neuron below the next merge) or the one followed
     by the largest ``gap`` in merge height (the most stable partition).
     """
     if rule not in ("gap", "highest"):
         raise ValueError(f"cluster.cut: {rule!r} not allowed; allowed: gap, highest")
+    if distinct and owner is None:
+        raise ValueError("cut: distinct needs the owner of every leaf")
     m = len(link) + 1
     a, b = link[:, 0].astype(np.int64), link[:, 1].astype(np.int64)
+    valid = np.ones(2 * m - 1, dtype=bool)
     if owner is None:
         support = np.concatenate([np.ones(m), link[:, 3]])
     else:
         sets = [1 << int(o) for o in owner]
         for i in range(m - 1):
             sets.append(sets[a[i]] | sets[b[i]])
+            if distinct:
+                shared = (sets[a[i]] & sets[b[i]]).bit_count()
+                valid[m + i] = valid[a[i]] and valid[b[i]] and shared < min_support
         support = np.fromiter((s.bit_count() for s in sets), dtype=np.int64, count=2 * m - 1)
+        if not by_owner:
+            support = np.concatenate([np.ones(m), link[:, 3]])
     big = support >= min_support
     if max_height is not None:
         big[m:] &= link[:, 2] <= max_height
-    delta = big[m:].astype(np.int64) - big[a] - big[b]
+    # a blocked merge changes nothing: its sides stay clusters (and so above it)
+    delta = np.where(valid[m:], big[m:].astype(np.int64) - big[a] - big[b], 0)
     count = np.cumsum(delta)
     heights = link[:, 2]
     ends = np.flatnonzero(np.append(heights[1:] != heights[:-1], True))  # last merge of each tie
@@ -216,8 +408,9 @@ def cut(
     below = np.flatnonzero(at_ends[first:] < best)
     last = first + (int(below[0]) - 1 if len(below) else len(at_ends) - 1 - first)
     if run == "stable" and max_height is not None:
-        h_end = np.minimum(heights[ends], max_height)
-        span = np.append(h_end[1:], max_height) - h_end
+        cap = float(np.max(max_height))
+        h_end = np.minimum(heights[ends], cap)
+        span = np.append(h_end[1:], cap) - h_end
         starts = np.append(0, np.flatnonzero(np.diff(at_ends)) + 1)
         stops = np.append(starts[1:], len(at_ends))
         runs = [(span[a:b].sum(), at_ends[a], a, b - 1) for a, b in zip(starts, stops, strict=True)]
@@ -232,8 +425,29 @@ def cut(
         after = np.append(heights, heights[-1])[ends[first : last + 1] + 1]
         chosen = first + int(np.argmax(after - heights[ends[first : last + 1]]))
     height = float(heights[ends[chosen]])
-    labels = fcluster(link, t=height, criterion="distance")
-    return labels, height, int(best)
+    if not distinct:
+        return fcluster(link, t=height, criterion="distance"), height, int(best)
+    return _flat_labels(link, valid[m:] & (heights <= height)), height, int(best)
+
+
+def _flat_labels(link: np.ndarray, made: np.ndarray) -> np.ndarray:
+    """Labels 1..k of the leaves when exactly the merges ``made [m - 1]`` are applied."""
+    m = len(link) + 1
+    parent = np.arange(m)
+    rep = np.concatenate([np.arange(m), np.zeros(m - 1, dtype=np.int64)])  # a leaf per node
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, (x, y) in enumerate(link[:, :2].astype(np.int64)):
+        rep[m + i] = rep[x]
+        if made[i]:
+            parent[find(rep[y])] = find(rep[x])
+    roots = np.array([find(i) for i in range(m)])
+    return np.unique(roots, return_inverse=True)[1] + 1
 
 
 # -- one layer ----------------------------------------------------------------------------------
@@ -259,59 +473,60 @@ def cluster_layer(
     rank: np.ndarray,
     symmetry: Symmetry,
     n_students: int,
-    gamma: float,
-    beta: float,
+    h: ClusterHparams,
     layer: str,
-    support: str = "students",
-    rule: str = "gap",
-    merge_angle: float = 2.0,
-    tight_count: bool = True,
+    coordinate: int = 0,
 ) -> LayerClusters:
     """Cluster pooled incoming vectors ``v [M, k]`` (``owner[i]``: student of neuron i; ``rank``:
-    students best first). ``support``: a cluster is big when it holds ``floor(gamma N)``
-    distinct ``students`` or ``members``. Kept clusters whose mean directions are within
-    ``merge_angle`` degrees are fragments of one neuron (students that hold two slightly
-    different copies of it can make each fragment big): they are merged, the absorbed ones
-    reported as ``merged``. ``tight_count``: where vectors are unit (a scale symmetry), count
-    only clusters formed below the spread limit ``beta`` and cut in the most stable run of
-    that count (:func:`cut`, ``run="stable"``)."""
-    if support not in ("students", "members"):
-        raise ValueError(f"cluster.support: {support!r} not allowed; allowed: students, members")
-    min_size = math.floor(gamma * n_students)
+    students best first) by the rule in ``h`` (module docstring). ``coordinate``: the canonical
+    coordinate of ``sign: coordinate`` (the first informative input of the first layer)."""
+    min_size = math.floor(h.gamma * n_students)
     if min_size < 2:
         raise ValueError(
-            f"cluster.gamma: gamma x students = {gamma * n_students} < 2; a cluster "
+            f"cluster.gamma: gamma x students = {h.gamma * n_students} < 2; a cluster "
             "must hold neurons of at least two students"
         )
     u, _ = canonical(v, symmetry)
     if len(u) < 2:
         raise ValueError(f"layer {layer}: fewer than two neurons to cluster")
-    link = linkage(condensed_distances(u.cpu().numpy(), symmetry.sign_invariant), "average")
-    limit = 1 - math.cos(math.radians(beta))
-    # unit vectors (scale symmetry): the chord of beta is the spread limit's height
-    tight = chord(beta) if symmetry.scale and tight_count else None
+    sign = torch.ones(len(u), dtype=u.dtype)
+    sign_invariant = symmetry.sign_invariant
+    if sign_invariant and h.sign == "coordinate":  # the published canonical orientation
+        flip = torch.sign(u[:, coordinate])
+        sign = torch.where(flip == 0, torch.ones_like(flip), flip).cpu()
+        u = u * sign.to(u)[:, None]
+        sign_invariant = False
+    link = linkage(condensed_distances(u.cpu().numpy(), sign_invariant), "average")
+    limit = 1 - math.cos(math.radians(h.beta))
+    tight = _spread_heights(link, u.norm(dim=1).cpu().numpy(), h.beta) if h.tight_count else None
     labels, height, _ = cut(
         link,
         min_size,
-        owner if support == "students" else None,
-        rule,
+        owner if h.support == "students" or h.distinct else None,
+        h.cut,
         max_height=tight,
         run="stable" if tight is not None else "max",
+        distinct=h.distinct,
+        by_owner=h.support == "students",
     )
     position = {int(s): p for p, s in enumerate(rank)}
+    pool = set(rank[: h.winners].tolist()) if h.winners else set(position)
     rows, kept = [], []
     order = np.argsort(labels, kind="stable")
     for idx in np.split(order, np.flatnonzero(np.diff(labels[order])) + 1):
         owners = owner[idx]
         spread = 0.0
         if len(idx) > 1:
-            d = cosine_distances(u[idx], u[idx], symmetry.sign_invariant)
+            d = cosine_distances(u[idx], u[idx], sign_invariant)
             spread = float(d[torch.triu_indices(len(idx), len(idx), 1).unbind()].median())
         students = len(set(owners.tolist()))
-        if (students if support == "students" else len(idx)) < min_size:
+        ours = [o for o in owners.tolist() if o in pool]
+        if (students if h.support == "students" else len(idx)) < min_size:
             status = "dropped_small"
         elif spread > limit:
             status = "dropped_spread"
+        elif not ours:
+            status = "dropped_unowned"
         else:
             status = "kept"
             kept.append((len(rows), idx))
@@ -327,13 +542,13 @@ def cluster_layer(
                 "recovered": -1,
             }
         )
-    groups = _fragments(u, kept, symmetry, 1 - math.cos(math.radians(merge_angle)))
-    sign = torch.ones(len(u), dtype=u.dtype)
+    tol = 1 - math.cos(math.radians(h.merge_angle)) if h.fragments else -1.0
+    groups = _fragments(u, kept, sign_invariant, tol)
     members, winners = [], []
     for k, group in enumerate(groups):
         idx = np.concatenate([kept[g][1] for g in group])
-        winner = _winner(owner[idx], position)
-        if symmetry.sign_invariant:
+        winner = _winner(np.array([o for o in owner[idx] if o in pool]), position)
+        if sign_invariant:
             ref = u[idx[owner[idx] == winner][0]]
             s = torch.sign(u[idx] @ ref)
             sign[idx] = torch.where(s == 0, torch.ones_like(s), s).cpu()
@@ -352,11 +567,22 @@ def cluster_layer(
     return LayerClusters(members, sign, winners, table, height)
 
 
+def _spread_heights(link: np.ndarray, norms: np.ndarray, beta: float) -> np.ndarray:
+    """Per merge, the height that stands for the spread limit: ``chord(beta)`` x the mean norm
+    of the merged cluster's vectors (vectors of norm r within beta of each other are at most
+    ``r chord(beta)`` apart; unit vectors, a scale symmetry: ``chord(beta)``)."""
+    m = len(norms)
+    total = np.concatenate([norms, np.zeros(m - 1)])
+    for i, (a, b) in enumerate(link[:, :2].astype(np.int64)):
+        total[m + i] = total[a] + total[b]
+    return chord(beta) * total[m:] / link[:, 3]
+
+
 def _winner(owners: np.ndarray, position: dict) -> int:
     return int(min(owners, key=lambda s: position[int(s)]))
 
 
-def _fragments(u: torch.Tensor, kept: list, symmetry: Symmetry, tol: float) -> list[list[int]]:
+def _fragments(u: torch.Tensor, kept: list, sign_invariant: bool, tol: float) -> list[list[int]]:
     """Groups of kept clusters (indices into ``kept``) whose mean directions are within
     ``tol`` cosine distance of each other (single linkage), in order of first member."""
     if not kept:
@@ -365,13 +591,11 @@ def _fragments(u: torch.Tensor, kept: list, symmetry: Symmetry, tol: float) -> l
     centres = []
     for _, idx in kept:
         block = unit[idx]
-        if symmetry.sign_invariant:
+        if sign_invariant:
             s = torch.sign(block @ block[0])
             block = block * torch.where(s == 0, torch.ones_like(s), s)[:, None]
         centres.append(block.mean(0))
-    close = (
-        cosine_distances(torch.stack(centres), torch.stack(centres), symmetry.sign_invariant) < tol
-    )
+    close = cosine_distances(torch.stack(centres), torch.stack(centres), sign_invariant) < tol
     parent = list(range(len(kept)))
 
     def find(i):

@@ -13,25 +13,38 @@ linear terms with them (the linear parts of sign-flipped relu copies) and they a
 identifiable as neurons.
 
 5. *Collapse*: each kept cluster becomes one neuron: the mean (in the cluster's orientation) of
-   its winner's members, the winner being the best-ranked student owning a member (a kept
-   cluster always has one: no cluster is lost). Outgoing weights of student n: the sum over its
-   members of ``a_i |v_i| s_i`` (``s_i = +-1`` the member's orientation, applied where the
-   activation is odd; even-linear flips leave ``a_i`` and a linear term; a sigmoid flip adds
-   ``a_i`` to the next bias, since ``sigmoid(-z) = 1 - sigmoid(z)``).
-6. Hidden layers before the last: the K recovered neurons go into every student, each keeping
-   its merged outgoing weights and its upper layers; the students are finetuned and the next
-   layer is read from *these finetuned* students (the published code reads stale weights).
+   its winner's members, the winner being the best-ranked student owning a member (any
+   student; with ``winners: 5``, published, the best of the five best, else the cluster was
+   dropped). Outgoing weights of student n: the sum over its members of ``a_i |v_i| s_i``
+   (``s_i = +-1`` the member's orientation, applied where the activation is odd; even-linear
+   flips leave ``a_i`` and a linear term; a sigmoid flip adds ``a_i`` to the next bias, since
+   ``sigmoid(-z) = 1 - sigmoid(z)``).
+6. Hidden layers before the last, layer by layer as the paper describes: the K recovered
+   neurons go into every student, each keeping its merged outgoing weights and its upper
+   layers; the students are refitted (``finetune``) and the next layer is read from *these
+   refitted* students (the published code reads stale weights: the preset does not copy
+   that). With ``freeze`` the recovered layers stay fixed during the refit, so every student
+   reads the next layer in one basis (published: all weights train). With
+   ``layer_correction`` each student first gets the least-squares correction of the next
+   layer's pre-activations in the collapsed layer's *own* input space (:func:`correct_layer`:
+   a flipped even-linear copy leaves ``-a z``, linear in that layer's inputs, which for the
+   layers above the first are the previous layer's activations, not the network's inputs),
+   and the recovered neurons are flipped into the orientation that needs none
+   (:func:`orient`: the teacher has no skips).
    The last hidden layer: one network; its output columns from each cluster's winner, lower
    layers and output bias from the best student. Then an exact bias correction (least squares
-   of the residual on a constant) or, for even-linear activations, an affine correction ``y ~
-   f(x) + S x + s`` (least squares, then trained along): the linear terms of flipped neurons.
+   of the residual on a constant) or, for even-linear activations, an affine correction
+   (least squares, then trained along) in the last hidden layer's input space (the inputs for
+   one hidden layer, as published), oriented away where ``layer_correction`` is on.
 
 Finally the network is finetuned. Twin neurons (one teacher neuron that the fit split into two
 copies pointing the same way, within ``merge_angle``) are folded into one and the network
 refitted (``merged``, kept if the refit stays within ``redundant_factor``). Neurons it then
 does not need are dropped and it is finetuned again: those with a contribution
 ``std(sigma(z)) |a|`` below ``min_contribution`` x their layer's largest or linear on the data
-(``dropped_weak``, ``prune_rounds`` times at most), then, one by one and weakest first, those
+(``dropped_weak``, ``prune_rounds`` times at most, each time only if the refit stays within
+``redundant_factor``: a relu neuron active on few probe points is weak by that measure and
+still needed), then, one by one and weakest first, those
 whose removal the refit does not notice (within ``redundant_factor`` of the loss before any
 removal, and only if the network fits the data about as well as the best student;
 ``dropped_redundant``): the teacher is the smallest network with its function.
@@ -46,7 +59,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.recovery.chain import Chain, incoming, outgoing
+from pipeline.recovery.chain import (
+    Chain,
+    incoming,
+    outgoing,
+    skip_name,
+    states,
+    with_incoming,
+)
 from pipeline.recovery.cluster import (
     ClusterHparams,
     LayerClusters,
@@ -128,12 +148,9 @@ def _with_layer(
     widths = list(chain.widths)
     widths[layer] = len(recovered)
     new_chain = chain.with_widths(widths)
-    name, nxt = chain.layers[layer], chain.layers[layer + 1]
-    params = dict(params)
-    k_in = chain.fan_in(layer)
-    params[f"{name}.weight"] = recovered[:, :k_in].expand(n, -1, -1).clone()
+    nxt = chain.layers[layer + 1]
+    params = with_incoming(new_chain, params, layer, recovered.expand(n, -1, -1).clone())
     if chain.bias:
-        params[f"{name}.bias"] = recovered[:, k_in].expand(n, -1).clone()
         params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + shift
     params[f"{nxt}.weight"] = merged
     return new_chain, params
@@ -147,31 +164,36 @@ def nonlinearity(
     chain: Chain, params: dict, layer: int, student: int, vectors: torch.Tensor, x: torch.Tensor
 ) -> torch.Tensor:
     """``1 - R^2`` of the best affine fit of ``sigma(z)`` by ``z`` over the inputs ``x``, for the
-    pre-activations ``z`` of each incoming vector ``vectors [K, k]`` fed by student
-    ``student``'s layers below ``layer``: 0 for a neuron that is linear (or constant) on the
-    data. For relu-like neurons it is small when they are active on almost none or almost all
-    of the data, for tanh/sigmoid when their pre-activations stay near 0."""
+    pre-activations ``z`` of each incoming vector ``vectors [K, k]`` (the layout of
+    :func:`~pipeline.recovery.chain.incoming`) fed by student ``student``'s layers below
+    ``layer``: 0 for a neuron that is linear (or constant) on the data. For relu-like neurons it
+    is small when they are active on almost none or almost all of the data, for tanh/sigmoid
+    when their pre-activations stay near 0."""
     from pipeline.models.activations import make as make_activation
 
     act = make_activation(chain.activation)
-    h = x
     with torch.no_grad():
-        for i in range(layer):
-            name = chain.layers[i]
-            h = h @ params[f"{name}.weight"][student].T
-            if chain.bias:
-                h = h + params[f"{name}.bias"][student]
-            h = act(h)
-        k_in = h.shape[1]
-        z = h @ vectors[:, :k_in].T
-        if chain.bias:
-            z = z + vectors[:, k_in]
+        one = {k: v[student : student + 1] for k, v in params.items()}
+        z = layer_design(chain, states(chain, one, x), layer)[0] @ vectors.T
         s = act(z)
         zc, sc = z - z.mean(0), s - s.mean(0)
         cov, var_z, var_s = (zc * sc).mean(0), (zc * zc).mean(0), (sc * sc).mean(0)
         tiny = torch.finfo(z.dtype).tiny
         r2 = cov**2 / (var_z * var_s).clamp_min(tiny)
     return torch.where(var_s > tiny, 1 - r2, torch.zeros_like(r2)).clamp(0.0, 1.0)
+
+
+def layer_design(chain: Chain, hidden: list[torch.Tensor], layer: int) -> torch.Tensor:
+    """``[N, B, k]``: what Linear ``layer``'s incoming vectors (:func:`incoming`'s layout) are
+    applied to, ``[h_layer; h_(layer-1) if it has a skip; 1]``, from :func:`states` output."""
+    n = hidden[-1].shape[0]
+    parts = [hidden[layer]]
+    if layer in chain.skips:
+        parts.append(hidden[layer - 1])
+    parts = [p.expand(n, -1, -1) if p.dim() == 2 else p for p in parts]
+    if chain.bias:
+        parts.append(torch.ones_like(parts[0][..., :1]))
+    return torch.cat(parts, dim=-1)
 
 
 def reference_nonlinearity(activation: str, points: int = 4001) -> float:
@@ -224,13 +246,18 @@ class Reconstruction:
 def reconstruct(
     chain: Chain, students: FitResult, data: ProbeData, h: ClusterHparams, seed: int = 0
 ) -> Reconstruction:
-    """Cluster the trained ``students`` (of architecture ``chain``) layer by layer into one
-    network and finetune it; see the module docstring."""
+    """Cluster the trained ``students`` (of architecture ``chain``, any float dtype) layer by
+    layer into one network and finetune it, in the probe data's dtype; see the module
+    docstring."""
     symmetry = symmetry_of(chain.activation)
-    params = {k: v.detach() for k, v in students.params.items()}
+    dtype = data.x.dtype
+    params = {k: v.detach().to(dtype) for k, v in students.params.items()}
     n = next(iter(params.values())).shape[0]
+    coordinate = 0
     if h.mask_inputs and data.informative is not None:
-        params = fold_constant_inputs(chain, params, data.informative.to(data.x.device), data.x)
+        informative = data.informative.to(data.x.device)
+        params = fold_constant_inputs(chain, params, informative, data.x)
+        coordinate = int(torch.nonzero(informative)[0, 0])
     rank = students.ranking().cpu().numpy()
     linear_below = 0.0
     if chain.activation != "identity" and h.min_nonlinearity > 0:
@@ -247,13 +274,9 @@ def reconstruct(
             rank,
             symmetry,
             n,
-            h.gamma,
-            h.beta,
+            h,
             name,
-            h.support,
-            h.cut,
-            h.merge_angle,
-            h.tight_count,
+            coordinate if layer == 0 else 0,
         )
         if linear_below and clusters.members:
             _, _, centres = merged_outgoing(chain, params, layer, clusters, symmetry)
@@ -267,8 +290,16 @@ def reconstruct(
             )
         merged, shift, recovered = merged_outgoing(chain, params, layer, clusters, symmetry)
         if layer < chain.depth - 1:
+            before_chain, before = chain, params
             chain, params = _with_layer(chain, params, layer, recovered, merged, shift)
-            result = fit(chain, params, data, h.finetune, seed, tag=f"finetune-{name}")
+            if h.layer_correction:
+                chain, params = correct_layer(
+                    before_chain, before, chain, params, layer, data.x[:8192], symmetry
+                )
+            frozen = _recovered_names(chain, layer) if h.freeze else ()
+            result = fit(
+                chain, params, data, h.finetune, seed, tag=f"finetune-{name}", frozen=frozen
+            )
             fits.append(result)
             params, rank = result.params, result.ranking().cpu().numpy()
             continue
@@ -277,25 +308,30 @@ def reconstruct(
         out_w = torch.stack([merged[w, :, k] for k, w in enumerate(clusters.winner)], dim=1)
         params = _select(params, [best])
         params[f"{chain.layers[-1]}.weight"] = out_w[None]
-    net_chain, net = _correct(chain, params, data, symmetry)
+    net_chain, net = _correct(chain, params, data, symmetry, flip=h.layer_correction)
     collapsed, before = net_chain, {k: v.clone() for k, v in net.items()}
     final = fit(net_chain, net, data, h.final, seed, tag="final")
     table = pd.concat(tables, ignore_index=True)
-    twins = merge_twins(net_chain, final.params, symmetry, chord(h.merge_angle))
+    twins = (
+        merge_twins(net_chain, final.params, symmetry, chord(h.merge_angle)) if h.twins else None
+    )
     if twins is not None:
         refit = fit(twins[0], twins[1], data, h.final, seed, tag="final-merged")
         if float(refit.train_loss[0]) <= h.redundant_factor * float(final.train_loss[0]):
             _mark_weak(table, net_chain, twins[2], "merged")
             net_chain, final = twins[0], refit
-    for _ in range(h.prune_rounds):
+    for _ in range(h.prune_rounds if h.min_contribution > 0 or linear_below else 0):
         weak = weak_neurons(
             net_chain, final.params, data.x[:8192], h.min_contribution, linear_below
         )
         if not any(bool(w.any()) for w in weak):
             break
+        smaller, net = drop_neurons(net_chain, final.params, weak, data.x[:8192])
+        refit = fit(smaller, net, data, h.final, seed, tag="final-pruned")
+        if float(refit.train_loss[0]) > _removal_limit(final, data, h):
+            break  # the fit notices: e.g. a relu neuron active on few points, weak but needed
         _mark_weak(table, net_chain, weak)
-        net_chain, net = drop_neurons(net_chain, final.params, weak, data.x[:8192])
-        final = fit(net_chain, net, data, h.final, seed, tag="final-pruned")
+        net_chain, final = smaller, refit
     reference = float(torch.nan_to_num(students.train_loss, nan=math.inf).min())
     net_chain, final = prune_redundant(net_chain, final, data, h, seed, table, reference)
     return Reconstruction(
@@ -303,20 +339,126 @@ def reconstruct(
     )
 
 
+def _recovered_names(chain: Chain, layer: int) -> list[str]:
+    """Parameters of Linear 0..``layer`` (the recovered layers, skips into them included)."""
+    names = []
+    for i in range(layer + 1):
+        names.append(f"{chain.layers[i]}.weight")
+        if chain.bias:
+            names.append(f"{chain.layers[i]}.bias")
+        if i in chain.skips:
+            names.append(skip_name(chain, i))
+    return names
+
+
+def _pre_activations(chain: Chain, params: dict, x: torch.Tensor, j: int) -> torch.Tensor:
+    """``[N, B, fan_out(j)]``: the pre-activations of Linear ``j`` for inputs ``x``."""
+    hidden = states(chain, params, x)
+    design = layer_design(chain, hidden, j)
+    return torch.einsum("nbk,nok->nbo", design, incoming(chain, params, j))
+
+
+def correct_layer(
+    before_chain: Chain,
+    before: dict,
+    chain: Chain,
+    params: dict,
+    layer: int,
+    x: torch.Tensor,
+    symmetry: Symmetry,
+) -> tuple[Chain, dict]:
+    """Each student's correction of the next layer's pre-activations after hidden layer
+    ``layer`` was collapsed: the least-squares fit of what it lost, ``z_before - z_after``, by
+    the collapsed layer's own inputs ``[h; 1]`` (even-linear activations: a flipped copy left
+    ``-a z``, linear in that space, and so do dropped neurons affine on the data) or by a
+    constant (the others: a dropped neuron's mean). The linear part becomes a skip into Linear
+    ``layer + 1`` (:func:`orient` then flips the recovered neurons so that it is as small as it
+    can be), the constant its bias."""
+    nxt = layer + 1
+    with torch.no_grad():
+        residual = _pre_activations(before_chain, before, x, nxt) - _pre_activations(
+            chain, params, x, nxt
+        )
+    params = dict(params)
+    if symmetry.sign != "even_linear":
+        if chain.bias:
+            params[f"{chain.layers[nxt]}.bias"] = params[
+                f"{chain.layers[nxt]}.bias"
+            ] + residual.mean(1)
+        return chain, params
+    hidden = states(chain, params, x)[layer]
+    n = residual.shape[0]
+    design = hidden.expand(n, -1, -1) if hidden.dim() == 2 else hidden
+    design = torch.cat([design, torch.ones_like(design[..., :1])], dim=-1)
+    theta = torch.linalg.lstsq(design, residual).solution  # [N, k + 1, out]
+    chain, params = _add_skip(chain, params, nxt, theta[:, :-1].mT)
+    if chain.bias:
+        params[f"{chain.layers[nxt]}.bias"] = params[f"{chain.layers[nxt]}.bias"] + theta[:, -1]
+    return orient(chain, params, layer)
+
+
+def _add_skip(chain: Chain, params: dict, j: int, weight: torch.Tensor) -> tuple[Chain, dict]:
+    """Add ``weight [N, fan_out(j), fan_in(j - 1)]`` to the skip into Linear ``j`` (made if
+    absent)."""
+    params = dict(params)
+    if j not in chain.skips:
+        chain = chain.with_skips((*chain.skips, j))
+        params[skip_name(chain, j)] = torch.zeros_like(weight)
+    params[skip_name(chain, j)] = params[skip_name(chain, j)] + weight
+    return chain, params
+
+
+def orient(chain: Chain, params: dict, layer: int) -> tuple[Chain, dict]:
+    """Flip recovered even-linear neurons of hidden ``layer`` (shared by every network of the
+    stack) so that the skip into the next Linear is as small as it can be, the function
+    unchanged: ``a sigma(v.h) = a sigma(-v.h) + a v.h``, so flipping neuron ``j`` adds ``A_j
+    v_j^T`` to each network's skip (``A_j``: its column in the next layer). The teacher has no
+    skips, so in its orientation the students need none: with every network's skip ``S_n ~
+    -sum_(j in F) A_nj v_j^T`` for the neurons ``F`` recovered flipped, the least-squares ``f``
+    of ``sum_n |S_n + sum_j f_j A_nj v_j^T|^2``, rounded, is ``1_F``."""
+    nxt = layer + 1
+    if nxt not in chain.skips:
+        return chain, params
+    v = incoming(chain, params, layer)[0]  # [K, k] shared
+    k = chain.fan_in(layer)
+    s = params[skip_name(chain, nxt)]  # [N, out, k]
+    a = params[f"{chain.layers[nxt]}.weight"]  # [N, out, K]
+    terms = torch.einsum("noj,jk->jnok", a, v[:, :k]).reshape(len(v), -1)  # [K, N out k]
+    f = torch.linalg.lstsq(terms.T, -s.reshape(-1, 1)).solution[:, 0]
+    flip = f > 0.5
+    if not bool(flip.any()):
+        return chain, params
+    params = dict(params)
+    params[skip_name(chain, nxt)] = s + torch.einsum("noj,jk->nok", a[:, :, flip], v[flip, :k])
+    if chain.bias:
+        bias = f"{chain.layers[nxt]}.bias"
+        params[bias] = params[bias] + a[:, :, flip] @ v[flip, -1]
+    sign = torch.where(flip, -1.0, 1.0).to(v)
+    return chain, with_incoming(
+        chain, params, layer, incoming(chain, params, layer) * sign[:, None]
+    )
+
+
 def _hidden(chain: Chain, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
     """Activations ``[n, width]`` of every hidden layer of network 0 of a stack."""
-    from pipeline.models.activations import make as make_activation
-
-    act = make_activation(chain.activation)
-    out, h = [], x
     with torch.no_grad():
-        for name in chain.layers[:-1]:
-            h = h @ params[f"{name}.weight"][0].T
-            if chain.bias:
-                h = h + params[f"{name}.bias"][0]
-            h = act(h)
-            out.append(h)
+        one = {k: v[:1] for k, v in params.items()}
+        return [h[0] for h in states(chain, one, x)[1:-1]]
+
+
+def _readers(chain: Chain, layer: int) -> list[tuple[str, int]]:
+    """``(weight name, Linear index)`` of the matrices whose columns read hidden ``layer``'s
+    neurons: the next Linear, and the skip into the one after it."""
+    out = [(f"{chain.layers[layer + 1]}.weight", layer + 1)]
+    if layer + 2 in chain.skips:
+        out.append((skip_name(chain, layer + 2), layer + 2))
     return out
+
+
+def _out_norm(chain: Chain, params: dict, layer: int) -> torch.Tensor:
+    """``[width]``: norm of each neuron's outgoing weights (network 0), skips included."""
+    cols = torch.cat([params[w][0] for w, _ in _readers(chain, layer)], dim=0)
+    return cols.norm(dim=0)
 
 
 def weak_neurons(
@@ -332,14 +474,10 @@ def weak_neurons(
     on the data (``1 - R^2 < min_nonlinearity``, see :func:`nonlinearity`)."""
     out = []
     for layer, h in enumerate(_hidden(chain, params, x)):
-        a = params[f"{chain.layers[layer + 1]}.weight"][0]
-        contribution = h.std(dim=0) * a.norm(dim=0)
+        contribution = h.std(dim=0) * _out_norm(chain, params, layer)
         weak = contribution < min_contribution * contribution.max()
         if min_nonlinearity > 0 and chain.activation != "identity":
-            name = chain.layers[layer]
-            vectors = params[f"{name}.weight"][0]
-            if chain.bias:
-                vectors = torch.cat([vectors, params[f"{name}.bias"][0][:, None]], dim=1)
+            vectors = incoming(chain, params, layer)[0]
             weak |= nonlinearity(chain, params, layer, 0, vectors, x) < min_nonlinearity
         if bool(weak.all()):  # a layer keeps at least its strongest neuron
             weak[contribution.argmax()] = False
@@ -348,16 +486,16 @@ def weak_neurons(
 
 
 def drop_neurons(chain: Chain, params: dict, drop: list[torch.Tensor], x: torch.Tensor):
-    """The network without the ``drop`` neurons; each one's mean output moves into the next
-    layer's bias (its constant part), the rest of its (small) contribution is lost."""
+    """The network without the ``drop`` neurons; each one's mean output moves into the biases
+    of the layers reading it (its constant part), the rest of its (small) contribution is lost."""
     if chain.bias:
         hidden = _hidden(chain, params, x)
         params = dict(params)
         for layer, mask in enumerate(drop):
-            nxt = chain.layers[layer + 1]
             mean = hidden[layer].mean(0)[mask]
-            shift = params[f"{nxt}.weight"][0][:, mask] @ mean
-            params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + shift[None]
+            for weight, j in _readers(chain, layer):
+                bias = f"{chain.layers[j]}.bias"
+                params[bias] = params[bias] + (params[weight][0][:, mask] @ mean)[None]
     return _without(chain, params, drop)
 
 
@@ -367,11 +505,14 @@ def _without(chain: Chain, params: dict, drop: list[torch.Tensor]):
     widths = list(chain.widths)
     for layer, mask in enumerate(drop):
         keep = ~mask
-        name, nxt = chain.layers[layer], chain.layers[layer + 1]
+        name = chain.layers[layer]
         params[f"{name}.weight"] = params[f"{name}.weight"][:, keep]
         if chain.bias:
             params[f"{name}.bias"] = params[f"{name}.bias"][:, keep]
-        params[f"{nxt}.weight"] = params[f"{nxt}.weight"][:, :, keep]
+        if layer in chain.skips:
+            params[skip_name(chain, layer)] = params[skip_name(chain, layer)][:, keep]
+        for weight, _ in _readers(chain, layer):
+            params[weight] = params[weight][:, :, keep]
         widths[layer] = int(keep.sum())
     return chain.with_widths(widths), params
 
@@ -414,19 +555,18 @@ def merge_twins(chain: Chain, params: dict, symmetry: Symmetry, tol: float):
     params = dict(params)
     drop = [torch.zeros(w, dtype=torch.bool) for w in chain.widths]
     for layer, keep, gone, factor, sign in pairs:
-        nxt = chain.layers[layer + 1]
-        w = params[f"{nxt}.weight"].clone()
-        w[:, :, keep] += factor * sign * w[:, :, gone]
-        if symmetry.sign == "odd_constant" and sign < 0 and chain.bias:
-            params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + params[f"{nxt}.weight"][:, :, gone]
-        w[:, :, gone] = 0.0
-        params[f"{nxt}.weight"] = w
+        for weight, j in _readers(chain, layer):
+            w = params[weight].clone()
+            w[:, :, keep] += factor * sign * w[:, :, gone]
+            if symmetry.sign == "odd_constant" and sign < 0 and chain.bias:
+                bias = f"{chain.layers[j]}.bias"
+                params[bias] = params[bias] + params[weight][:, :, gone]
+            w[:, :, gone] = 0.0
+            params[weight] = w
         if not symmetry.scale:
-            name = chain.layers[layer]
-            for part in ("weight", "bias") if chain.bias else ("weight",):
-                t = params[f"{name}.{part}"].clone()
-                t[:, keep] = (t[:, keep] + sign * t[:, gone]) / 2
-                params[f"{name}.{part}"] = t
+            v = incoming(chain, params, layer).clone()
+            v[:, keep] = (v[:, keep] + sign * v[:, gone]) / 2
+            params = with_incoming(chain, params, layer, v)
         drop[layer][gone] = True
     return *_without(chain, params, drop), drop
 
@@ -450,13 +590,18 @@ def prune_redundant(
     ``redundant_factor`` of ``reference``) is pruned: for a poor one the test means nothing."""
     x = data.x[:8192]
     loss = float(final.train_loss[0])
-    limit = h.redundant_factor * max(loss, 1e-14 * float(data.y.var()))
+    limit = _removal_limit(final, data, h)
     trials = h.redundant_trials if loss <= h.redundant_factor * reference else 0
+    # a trial only has to show whether the loss can get back within the limit
+    trial_fit = replace(
+        h.final,
+        max_epochs=max(1, h.final.max_epochs // 4),
+        tolerance=max(h.final.tolerance, 1e-9),
+    )
     while trials > 0:
         candidates = []
         for layer, hid in enumerate(_hidden(chain, final.params, x)):
-            a = final.params[f"{chain.layers[layer + 1]}.weight"][0]
-            share = hid.std(dim=0) * a.norm(dim=0)
+            share = hid.std(dim=0) * _out_norm(chain, final.params, layer)
             share = share / share.max().clamp_min(torch.finfo(share.dtype).tiny)
             if chain.widths[layer] > 1:
                 candidates += [(float(c), layer, k) for k, c in enumerate(share.tolist())]
@@ -464,7 +609,7 @@ def prune_redundant(
             drop = [torch.zeros(w, dtype=torch.bool) for w in chain.widths]
             drop[layer][k] = True
             smaller, params = drop_neurons(chain, final.params, drop, x)
-            refit = fit(smaller, params, data, h.final, seed, tag="final-redundant")
+            refit = fit(smaller, params, data, trial_fit, seed, tag="final-redundant")
             if float(refit.train_loss[0]) <= limit:
                 _mark_weak(table, chain, drop, "dropped_redundant")
                 chain, final = smaller, refit
@@ -472,6 +617,12 @@ def prune_redundant(
         else:
             break
     return chain, final
+
+
+def _removal_limit(final: FitResult, data: ProbeData, h: ClusterHparams) -> float:
+    """The training loss a refit without some neurons may reach for their removal to stand:
+    within ``redundant_factor`` of the loss with them (or of round-off)."""
+    return h.redundant_factor * max(float(final.train_loss[0]), 1e-14 * float(data.y.var()))
 
 
 def _mark_weak(
@@ -498,9 +649,11 @@ class RecoveryFailed(RuntimeError):
         self.clusters = clusters
 
 
-def _correct(chain: Chain, params: dict, data: ProbeData, symmetry: Symmetry):
+def _correct(chain: Chain, params: dict, data: ProbeData, symmetry: Symmetry, flip: bool = True):
     """Least-squares correction of the collapsed network: the output bias, or (even-linear
-    activations) an affine skip ``S x + s`` from the inputs."""
+    activations) an affine skip into the output from the last hidden layer's inputs (the space
+    its flipped neurons' linear terms live in: the inputs for one hidden layer, as published),
+    then, with ``flip``, the last hidden layer flipped to make it small (:func:`orient`)."""
     from pipeline.recovery.chain import forward
 
     with torch.no_grad():
@@ -508,13 +661,15 @@ def _correct(chain: Chain, params: dict, data: ProbeData, symmetry: Symmetry):
     out = chain.layers[-1]
     params = dict(params)
     if symmetry.sign == "even_linear":
-        chain = replace(chain, skip=True)
-        design = torch.cat(
-            [data.x, torch.ones(len(data.x), 1, dtype=data.x.dtype, device=data.x.device)], dim=1
-        )
+        source = states(chain, params, data.x)[chain.depth - 1]
+        source = source[0] if source.dim() == 3 else source
+        design = torch.cat([source, torch.ones_like(source[:, :1])], dim=1)
         theta = torch.linalg.lstsq(design, residual).solution
-        params["skip.weight"] = theta[:-1].T[None].contiguous()
-        params["skip.bias"] = theta[-1][None].contiguous()
+        chain, params = _add_skip(chain, params, chain.depth, theta[:-1].T[None].contiguous())
+        if chain.bias:
+            params[f"{out}.bias"] = params[f"{out}.bias"] + theta[-1][None]
+        if flip:
+            chain, params = orient(chain, params, chain.depth - 1)
     elif chain.bias:
         params[f"{out}.bias"] = params[f"{out}.bias"] + residual.mean(0)[None]
     return chain, params

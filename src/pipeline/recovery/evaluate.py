@@ -20,7 +20,8 @@ for teacher neuron ``j`` is ``sum_{k: j nearest to k} c_k W[:, k]``; the next la
 reconstruction equals the teacher up to its symmetry group, which is the case to detect.
 
 Recovery of a teacher: every layer's inferred width equals the teacher's and every teacher
-neuron is matched with ``d_w < tolerance``.
+neuron is matched with ``d_w < tolerance``. A reconstruction's skips (the linear corrections of
+even-linear activations, small once its neurons are oriented) are not compared.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def compare(
         )
     symmetry = symmetry_of(teacher.activation)
     odd_out = symmetry.sign in ("odd", "odd_constant")
+    chain = chain.with_skips(())  # the skips (linear corrections) are no neurons' weights
     t_params = {k: v[0] for k, v in teacher_params.items()}
     r_params = {k: v[0].clone() for k, v in params.items() if not k.startswith("skip.")}
     rows, layers = [], []

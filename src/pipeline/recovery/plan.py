@@ -26,28 +26,38 @@ def toy_family(
     input_dims=(2, 10),
     widths=(3, 8),
     gains=None,
+    min_angles=None,
     **teacher,
 ) -> dict[str, dict]:
     """``count`` toy teacher configs: input dims and hidden widths drawn uniformly from the
     inclusive ranges, activations in turn, teacher seeds derived from ``seed``; named
-    ``{activation}-d{dim}-w{width}-{i}``. ``gains``: a weight gain per activation (default 1;
+    ``{activation}-d{dim}-w{width}-{i}``. ``widths``: a range for one hidden layer, or a list
+    of ranges, one per hidden layer. ``gains``: a weight gain per activation (default 1;
     ``sigmoid(z) = (1 + tanh(z / 2)) / 2``, so a sigmoid teacher of gain 2 spans the
-    nonlinearity as a tanh teacher of gain 1); ``teacher``: further ToyTeacher fields for all."""
+    nonlinearity as a tanh teacher of gain 1); ``min_angles``: a range the teacher's minimum
+    angle between neurons is drawn from (degrees; each name then ends in ``-a{angle}``);
+    ``teacher``: further ToyTeacher fields for all."""
     gains = gains or {}
+    ranges = [widths] if isinstance(widths[0], int) else list(widths)
     rng = random.Random(seeding.derive(seed, "toy-family"))
     out = {}
     for i in range(count):
         act = activations[i % len(activations)]
         dim = rng.randint(input_dims[0], input_dims[1])
-        width = rng.randint(widths[0], widths[1])
-        out[f"{act}-d{dim}-w{width}-{i}"] = {
+        drawn = [rng.randint(low, high) for low, high in ranges]
+        spec = {"min_angle": round(rng.uniform(*min_angles), 1)} if min_angles else {}
+        name = f"{act}-d{dim}-w{'-'.join(map(str, drawn))}-{i}"
+        if spec:
+            name += f"-a{spec['min_angle']:g}"
+        out[name] = {
             "kind": "toy",
             "input_dim": dim,
-            "widths": [width],
+            "widths": drawn,
             "activation": act,
             "seed": seeding.derive(seed, "toy-teacher", i) % 2**31,
             "gain": gains.get(act, 1.0),
             **teacher,
+            **spec,
         }
     return out
 

@@ -14,8 +14,14 @@ Resumable: every ``checkpoint_every`` epochs the buffer, Adam's moments, the sch
 logged rows are saved (``torch.save``; loaded with ``weights_only=True``); the batch order of
 epoch ``e`` derives from ``(seed, e)``, so a resumed fit ends bit-identical on the CPU.
 
-A single network can instead be finetuned full-batch with L-BFGS (strong Wolfe line search):
-the precise end of a reconstruction, where the data are small.
+Full-batch L-BFGS (``optimizer: lbfgs``) is the precise end of a fit, where the data are small:
+for one network torch's L-BFGS with a strong Wolfe line search; for a stack, a batched L-BFGS
+(:func:`_fit_lbfgs_stack`): every network keeps its own curvature pairs and its own
+backtracking (Armijo) step, evaluated for all networks in one pass. It is not checkpointed (it
+is short); a killed job repeats it from the Adam stage's resumed end.
+
+``frozen``: parameters whose gradient is zeroed (the recovered layers of a reconstruction, which
+every student shares, while its upper layers are refitted).
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ import pandas as pd
 import torch
 
 from pipeline import io, seeding
-from pipeline.recovery.chain import Chain, flatten, forward, init_stack, unflatten
+from pipeline.recovery.chain import Chain, flatten, forward, init_stack, layout, unflatten
 from pipeline.recovery.teachers import ProbeData
 
 STATUS = ("converged", "max_epochs", "diverged")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 log = logging.getLogger(__name__)
 
 
@@ -58,20 +65,35 @@ class FitHparams:
     log_every: int = 100
     checkpoint_every: int = 1000
     tolerance: float = 1e-12  # lbfgs: stop when the loss changes less than this
+    floor: float = 1e-12  # lbfgs: stop once the loss is below this x mean(y^2)
+    skip_lr_factor: float = 1.0  # adam: learning rate of skip weights x this (published: 10)
 
 
 @dataclass(frozen=True)
 class ExpandHparams:
+    """The students: ``students`` networks ``rho`` x wider than the teacher, fitted in ``dtype``
+    by ``fit`` and then, if given, by ``polish`` (e.g. a stacked L-BFGS from where Adam ended)."""
+
     students: int = 10
     rho: float = 4.0
     seed: int = 0
+    dtype: str = "float64"
     fit: FitHparams = field(default_factory=FitHparams)
+    polish: FitHparams | None = None
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "expand") -> ExpandHparams:
         raw = dict(raw)
         fit = FitHparams(**checked_keys(FitHparams, raw.pop("fit", {}), f"{where}.fit"))
-        return cls(**checked_keys(cls, raw, where), fit=fit)
+        polish = raw.pop("polish", None)
+        if polish is not None:
+            polish = FitHparams(**checked_keys(FitHparams, polish, f"{where}.polish"))
+        h = cls(**checked_keys(cls, raw, where), fit=fit, polish=polish)
+        if h.dtype not in DTYPES:
+            raise ValueError(
+                f"{where}.dtype: {h.dtype!r} not allowed; allowed: {', '.join(DTYPES)}"
+            )
+        return h
 
 
 def checked_keys(cls, raw: dict, where: str) -> dict:
@@ -109,13 +131,23 @@ class StackedAdam:
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
     @torch.no_grad()
-    def step(self, flat: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor, active: torch.Tensor):
+    def step(
+        self,
+        flat: torch.Tensor,
+        grad: torch.Tensor,
+        lr: torch.Tensor,
+        active: torch.Tensor,
+        lr_scale: torch.Tensor | None = None,
+    ):
+        """One Adam step of the active rows; ``lr_scale [P]``: a learning-rate factor per column."""
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
         step = self.m / denom * (lr / (1 - b1**self.t))[:, None]
+        if lr_scale is not None:
+            step = step * lr_scale
         flat.sub_(torch.where(active[:, None], step, torch.zeros_like(step)))
 
     def state_dict(self) -> dict:
@@ -199,6 +231,7 @@ def fit(
     tag: str = "",
     start_epoch: int = 0,
     keep_epoch: int | None = None,
+    frozen=(),
 ) -> FitResult:
     """Fit the stacked networks ``params`` to ``data`` (MSE); see the module docstring.
 
@@ -206,16 +239,25 @@ def fit(
     stay zero. ``resume``: file for the resume state (``None``: no checkpoints). ``start_epoch``:
     the first epoch's index (its batch order; a rewound lottery level goes on from there).
     ``keep_epoch``: also return the weights after that many epochs (``FitResult.kept``).
+    ``frozen``: names of parameters that keep their values (zero gradient).
     """
-    if h.optimizer == "lbfgs":
-        return _fit_lbfgs(chain, params, data, h, masks)
-    if h.optimizer != "adam":
+    if h.optimizer not in ("adam", "lbfgs"):
         raise ValueError(f"fit.optimizer: {h.optimizer!r} not allowed; allowed: adam, lbfgs")
+    unknown = set(frozen) - set(chain.shapes())
+    if unknown:
+        raise KeyError(f"frozen: unknown parameters {sorted(unknown)}")
+    mask_flat = flatten(chain, _full_masks(chain, params, masks)) if masks else None
+    grad_mask = _grad_mask(chain, params, mask_flat, frozen)
+    if h.optimizer == "lbfgs":
+        if next(iter(params.values())).shape[0] == 1:
+            return _fit_lbfgs(chain, params, data, h, mask_flat, grad_mask)
+        return _fit_lbfgs_stack(chain, params, data, h, mask_flat, grad_mask)
     flat = flatten(chain, params).detach().clone()
     n = flat.shape[0]
-    mask_flat = flatten(chain, _full_masks(chain, params, masks)).to(flat.dtype) if masks else None
     if mask_flat is not None:
+        mask_flat = mask_flat.to(flat.dtype)
         flat.mul_(mask_flat)
+    lr_scale = _lr_scale(chain, flat, h.skip_lr_factor)
     adam = StackedAdam(flat, h.beta1, h.beta2, h.eps)
     sched = StackedPlateau(n, h, flat.dtype, flat.device)
     rows: list[np.ndarray] = []
@@ -241,9 +283,9 @@ def fit(
                 xb, yb = data.x[idx], data.y[idx]
             per = ((forward(chain, unflatten(chain, flat), xb) - yb) ** 2).mean((1, 2))
             (grad,) = torch.autograd.grad(per.sum(), flat)
-            if mask_flat is not None:
-                grad = grad * mask_flat
-            adam.step(flat, grad, sched.lr, sched.active)
+            if grad_mask is not None:
+                grad = grad * grad_mask
+            adam.step(flat, grad, sched.lr, sched.active, lr_scale)
             total += per.detach()
         mean_loss = total / per_epoch
         sched.update(mean_loss)
@@ -268,6 +310,29 @@ def fit(
 
 def _snapshot(chain: Chain, flat: torch.Tensor) -> dict:
     return {k: v.clone() for k, v in unflatten(chain, flat.detach()).items()}
+
+
+def _grad_mask(chain: Chain, params: dict, mask_flat, frozen) -> torch.Tensor | None:
+    """``[N, P]`` (or None) factor of the gradient: pruned entries and frozen parameters 0."""
+    dtype = next(iter(params.values())).dtype
+    if not frozen:
+        return None if mask_flat is None else mask_flat.to(dtype)
+    like = {k: torch.ones_like(v) for k, v in params.items()}
+    for name in frozen:
+        like[name] = torch.zeros_like(params[name])
+    mask = flatten(chain, like)
+    return mask if mask_flat is None else mask * mask_flat.to(dtype)
+
+
+def _lr_scale(chain: Chain, flat: torch.Tensor, skip_factor: float) -> torch.Tensor | None:
+    """``[P]`` learning-rate factors: ``skip_factor`` on skip weights, 1 elsewhere."""
+    if skip_factor == 1.0 or not chain.skips:
+        return None
+    scale = torch.ones(flat.shape[1], dtype=flat.dtype, device=flat.device)
+    for name, (offset, shape) in layout(chain).items():
+        if name.startswith("skip."):
+            scale[offset : offset + int(torch.Size(shape).numel())] = skip_factor
+    return scale
 
 
 def _full_masks(chain: Chain, params: dict, masks: dict) -> dict:
@@ -335,15 +400,15 @@ def _load(path, key, flat, adam, sched, rows) -> tuple[int, dict | None]:
     return int(state["epoch"]), state["kept"]
 
 
-def _fit_lbfgs(chain: Chain, params: dict, data: ProbeData, h: FitHparams, masks) -> FitResult:
+def _fit_lbfgs(
+    chain: Chain, params: dict, data: ProbeData, h: FitHparams, mask_flat, grad_mask
+) -> FitResult:
     """Full-batch L-BFGS of one network (strong Wolfe), ``max_epochs`` outer iterations of at
-    most 20 function evaluations each, until the loss changes by less than ``tolerance``."""
+    most 20 function evaluations each, until the loss changes by less than ``tolerance`` or
+    falls below ``floor`` x mean(y^2)."""
     flat = flatten(chain, params).detach().clone()
-    if flat.shape[0] != 1:
-        raise ValueError("fit.optimizer lbfgs fits one network; use adam for a stack")
-    mask_flat = flatten(chain, _full_masks(chain, params, masks)).to(flat.dtype) if masks else None
     if mask_flat is not None:
-        flat.mul_(mask_flat)
+        flat.mul_(mask_flat.to(flat.dtype))
     flat.requires_grad_(True)
     opt = torch.optim.LBFGS(
         [flat],
@@ -359,11 +424,12 @@ def _fit_lbfgs(chain: Chain, params: dict, data: ProbeData, h: FitHparams, masks
         opt.zero_grad()
         loss = ((forward(chain, unflatten(chain, flat), data.x) - data.y) ** 2).mean()
         loss.backward()
-        if mask_flat is not None:
-            flat.grad.mul_(mask_flat)
+        if grad_mask is not None:
+            flat.grad.mul_(grad_mask)
         return loss
 
     rows, previous, status, done = [], math.inf, "max_epochs", 0
+    floor = h.floor * float((data.y**2).mean())
     for done in range(1, h.max_epochs + 1):
         loss = float(opt.step(closure).detach())
         if not math.isfinite(loss):
@@ -373,7 +439,7 @@ def _fit_lbfgs(chain: Chain, params: dict, data: ProbeData, h: FitHparams, masks
             rows.append(
                 _log_rows(chain, flat, data, done, torch.tensor([loss]), torch.tensor([h.lr]))
             )
-        if abs(previous - loss) <= h.tolerance * max(loss, 1e-300) or loss == 0.0:
+        if abs(previous - loss) <= h.tolerance * max(loss, 1e-300) or loss <= floor:
             status = "converged"
             break
         previous = loss
@@ -389,17 +455,131 @@ def _fit_lbfgs(chain: Chain, params: dict, data: ProbeData, h: FitHparams, masks
     )
 
 
+def _fit_lbfgs_stack(
+    chain: Chain,
+    params: dict,
+    data: ProbeData,
+    h: FitHparams,
+    mask_flat,
+    grad_mask,
+    history: int = 20,
+    c1: float = 1e-4,
+    backtracks: int = 30,
+) -> FitResult:
+    """Full-batch L-BFGS of N stacked networks at once, each on its own: per network the
+    two-loop recursion over its last ``history`` curvature pairs ``(s, y)`` (a pair with ``s.y
+    <= 0`` is skipped), the initial scaling ``s.y / y.y``, and a backtracking step from ``t = 1``
+    (halved until Armijo's ``f(x + t d) <= f(x) + c1 t g.d``), all networks evaluated in one
+    pass per trial. A network stops when its loss changes by less than ``tolerance`` (relative),
+    falls below ``floor`` x mean(y^2) or no step decreases it (``converged``), or after
+    ``max_epochs`` iterations."""
+    flat = flatten(chain, params).detach().clone()
+    if mask_flat is not None:
+        flat.mul_(mask_flat.to(flat.dtype))
+    n = flat.shape[0]
+
+    def evaluate(x):
+        x = x.detach().requires_grad_(True)
+        per = ((forward(chain, unflatten(chain, x), data.x) - data.y) ** 2).mean((1, 2))
+        (g,) = torch.autograd.grad(per.sum(), x)
+        if grad_mask is not None:
+            g = g * grad_mask
+        return per.detach(), g
+
+    def dot(a, b):
+        return (a * b).sum(1)
+
+    f, g = evaluate(flat)
+    floor = h.floor * float((data.y**2).mean())
+    active = torch.isfinite(f)
+    status = torch.where(active, STATUS.index("max_epochs"), STATUS.index("diverged"))
+    pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # s, y, 1/s.y (0: skip)
+    gamma = torch.ones(n, dtype=flat.dtype, device=flat.device)
+    rows, done = [], 0
+    for done in range(1, h.max_epochs + 1):
+        q = -g
+        alphas = []
+        for s_k, y_k, r_k in reversed(pairs):
+            a = r_k * dot(s_k, q)
+            q = q - a[:, None] * y_k
+            alphas.append(a)
+        q = q * gamma[:, None]
+        for (s_k, y_k, r_k), a in zip(pairs, reversed(alphas), strict=True):
+            q = q + s_k * (a - r_k * dot(y_k, q))[:, None]
+        gd = dot(g, q)
+        uphill = gd >= 0
+        q = torch.where(uphill[:, None], -g, q)
+        gd = torch.where(uphill, -dot(g, g), gd)
+        q = torch.where(active[:, None], q, torch.zeros_like(q))
+        t = torch.ones(n, dtype=flat.dtype, device=flat.device)
+        if not pairs:
+            t = torch.clamp(1.0 / g.abs().sum(1).clamp_min(1e-300), max=1.0)
+        new_x, new_f, new_g = flat.clone(), f.clone(), g.clone()
+        pending = active.clone()
+        for _ in range(backtracks):
+            trial = flat + t[:, None] * q
+            ft, gt = evaluate(trial)
+            ok = pending & torch.isfinite(ft) & (ft <= f + c1 * t * gd)
+            new_x[ok], new_f[ok], new_g[ok] = trial[ok], ft[ok], gt[ok]
+            pending &= ~ok
+            if not bool(pending.any()):
+                break
+            t = torch.where(pending, t / 2, t)
+        stalled = pending  # no step decreased the loss: as far as it goes
+        s_k, y_k = new_x - flat, new_g - g
+        sy = dot(s_k, y_k)
+        good = sy > 1e-10 * dot(y_k, y_k).clamp_min(torch.finfo(flat.dtype).tiny)
+        pairs.append((s_k, y_k, torch.where(good, 1.0 / sy.clamp_min(1e-300), 0.0)))
+        gamma = torch.where(good, sy / dot(y_k, y_k).clamp_min(1e-300), gamma)
+        if len(pairs) > history:
+            pairs.pop(0)
+        small = (f - new_f).abs() <= h.tolerance * new_f.abs().clamp_min(1e-300)
+        stop = active & (stalled | small | (new_f <= floor))
+        status[stop] = STATUS.index("converged")
+        active &= ~stop
+        flat, f, g = new_x, new_f, new_g
+        if done % h.log_every == 0:
+            rows.append(_log_rows(chain, flat, data, done, f, torch.full_like(f, h.lr)))
+        if not bool(active.any()):
+            break
+    rows.append(_log_rows(chain, flat, data, done, f, torch.full_like(f, h.lr)))
+    final = _snapshot(chain, flat)
+    return FitResult(
+        final,
+        per_network_mse(chain, final, data.x, data.y),
+        per_network_mse(chain, final, data.x_test, data.y_test),
+        [STATUS[i] for i in status.tolist()],
+        done,
+        _history(rows),
+    )
+
+
 def student_chain(teacher: Chain, rho: float) -> Chain:
     """The students' architecture: every hidden width x ``rho`` (rounded up)."""
     return teacher.with_widths(math.ceil(rho * w) for w in teacher.widths)
 
 
 def train_students(
-    teacher: Chain, data: ProbeData, h: ExpandHparams, resume=None, dtype=torch.float64
+    teacher: Chain, data: ProbeData, h: ExpandHparams, resume=None
 ) -> tuple[Chain, FitResult]:
     """Initialise ``h.students`` students (``mlp`` init, student n from ``(seed, n)``) of width
-    ``rho`` x the teacher's and fit them; ``(student chain, result)``."""
+    ``rho`` x the teacher's and fit them in ``h.dtype`` (``h.fit``, then ``h.polish``);
+    ``(student chain, result)``."""
+    dtype = DTYPES[h.dtype]
     chain = student_chain(teacher, h.rho)
+    data = data.to(data.x.device, dtype)
     params = init_stack(chain, h.students, h.seed, dtype)
     params = {k: v.to(data.x.device) for k, v in params.items()}
-    return chain, fit(chain, params, data, h.fit, h.seed, resume, tag="students")
+    result = fit(chain, params, data, h.fit, h.seed, resume, tag="students")
+    if h.polish is not None:
+        polished = fit(chain, result.params, data, h.polish, h.seed, tag="students-polish")
+        history = polished.history.assign(epoch=polished.history.epoch + result.epochs)
+        result = FitResult(
+            polished.params,
+            polished.train_loss,
+            polished.test_loss,
+            polished.status,
+            result.epochs + polished.epochs,
+            pd.concat([result.history, history], ignore_index=True),
+        )
+    return chain, result

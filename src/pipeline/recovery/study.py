@@ -105,21 +105,20 @@ def run_expand(
     device: str = "cpu",
     data_dir="data",
     threads: int = 1,
-    dtype: str = "float64",
     problem: str = "",
 ) -> dict:
-    """Train the students: ``teacher.pt``, ``students.pt`` (stacked parameters, losses,
-    status), ``students_history.parquet`` in ``out_dir``; resume state in
-    ``out_dir/.resume/students.pt``."""
+    """Train the students: ``teacher.pt``, ``students.pt`` (stacked parameters in
+    ``expand.dtype``, losses, status), ``students_history.parquet`` in ``out_dir``; resume state
+    in ``out_dir/.resume/students.pt``. The teacher and its probes are float64."""
     from pipeline import devices
 
     torch.set_num_threads(threads)
     out = Path(out_dir)
     dev = devices.resolve(device)
-    chain, params = make_teacher(teacher, data_dir, DTYPES[dtype])
-    data = make_probe(chain, params, probe, data_dir).to(dev)
     h = ExpandHparams.from_dict(expand)
-    s_chain, result = train_students(chain, data, h, out / ".resume" / "students.pt", DTYPES[dtype])
+    chain, params = make_teacher(teacher, data_dir)
+    data = make_probe(chain, params, probe, data_dir).to(dev)
+    s_chain, result = train_students(chain, data, h, out / ".resume" / "students.pt")
     save_network(out / "teacher.pt", chain, params)
     save_network(
         out / "students.pt",
@@ -152,10 +151,11 @@ def run_cluster(
     threads: int = 1,
     tolerance: float = 1e-3,
 ) -> pd.DataFrame:
-    """Reconstruct from the students in ``students_dir``: ``reconstruction.pt``,
-    ``clusters.parquet``, ``neurons.parquet``, ``recovery.parquet`` and
-    ``finetune_history.parquet`` in ``out_dir``. A failed reconstruction (no neuron of a layer
-    survives) is recorded, not raised: its recovery row says so."""
+    """Reconstruct from the students in ``students_dir`` (in float64, whatever the students'
+    dtype): ``reconstruction.pt``, ``clusters.parquet``, ``neurons.parquet``,
+    ``recovery.parquet`` and ``finetune_history.parquet`` in ``out_dir``. A failed
+    reconstruction (no neuron of a layer survives) is recorded, not raised: its recovery row
+    says so."""
     from pipeline import devices
 
     torch.set_num_threads(threads)

@@ -136,8 +136,8 @@ class ProbeData:
     informative: torch.Tensor | None = None
     notes: dict = field(default_factory=dict)
 
-    def to(self, device) -> ProbeData:
-        move = {k: getattr(self, k).to(device) for k in ("x", "y", "x_test", "y_test")}
+    def to(self, device, dtype=None) -> ProbeData:
+        move = {k: getattr(self, k).to(device, dtype) for k in ("x", "y", "x_test", "y_test")}
         mask = self.informative.to(device) if self.informative is not None else None
         return ProbeData(**move, informative=mask, notes=self.notes)
 
