@@ -57,33 +57,37 @@ wildcard_constraints:
 
 
 # -- targets ----------------------------------------------------------------------------------
+def study_tables(study):
+    """The tables of a study that `all` builds: every metric table it lists, and its science's."""
+    spec, kind = PLAN.study(study), PLAN.study(study)["kind"]
+    tables = [f"results/{study}/cache/{metric}.parquet" for metric in spec.get("metrics", [])]
+    if study in MASKS:
+        tables.append(f"results/{study}/masks/tables/accuracy.parquet")
+    if study in TELEPORT_GRID:
+        tables.append(f"results/{study}/tables/validation.parquet")
+    if study in INTERPOLATION:
+        tables.append(f"results/{study}/tables/interpolation.parquet")
+    if study in ANALYSIS:
+        tables.append(f"results/{study}/tables/{ANALYSIS_TABLES[kind][0]}.parquet")
+    if study in RECOVERY:
+        tables.append(f"results/{study}/tables/recovery.parquet")
+    if study in RECOVERY + PRUNE and ("lottery" in spec or "prune" in spec):
+        tables.append(f"results/{study}/tables/lottery.parquet")
+    if study in MODELSYM:
+        tables += [
+            f"results/{study}/tables/{part}.parquet"
+            for part in ("alignment", "stitching", "rotation")
+            if part in spec
+        ]
+    if study in TRANSFER:
+        tables.append(f"results/{study}/transfer/accuracy.parquet")
+    return tables
+
+
 def all_targets():
-    """Every figure, every metric table a study lists, and every science's tables."""
-    tables = [
-        f"results/{study}/cache/{metric}.parquet"
-        for study in STUDIES
-        for metric in PLAN.study(study).get("metrics", [])
-    ]
-    tables += [f"results/{study}/masks/tables/accuracy.parquet" for study in MASKS]
-    tables += [f"results/{study}/tables/validation.parquet" for study in TELEPORT_GRID]
-    tables += [f"results/{study}/tables/interpolation.parquet" for study in INTERPOLATION]
-    tables += [
-        f"results/{s}/tables/{ANALYSIS_TABLES[PLAN.study(s)['kind']][0]}.parquet" for s in ANALYSIS
-    ]
-    tables += [f"results/{s}/tables/recovery.parquet" for s in RECOVERY]
-    tables += [
-        f"results/{s}/tables/lottery.parquet"
-        for s in RECOVERY + PRUNE
-        if "lottery" in PLAN.study(s) or "prune" in PLAN.study(s)
-    ]
-    tables += [
-        f"results/{s}/tables/{part}.parquet"
-        for s in MODELSYM
-        for part in ("alignment", "stitching", "rotation")
-        if part in PLAN.study(s)
-    ]
-    tables += [f"results/{study}/transfer/accuracy.parquet" for study in TRANSFER]
-    return [f"results/{fig}.pdf" for fig in FIGURES] + tables
+    """Every figure, every study's tables, and the claims of every study."""
+    tables = [t for study in STUDIES for t in study_tables(study)]
+    return [f"results/{fig}.pdf" for fig in FIGURES] + tables + ["results/claims.parquet"]
 
 
 def run_dir(study, run):
