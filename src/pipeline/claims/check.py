@@ -147,6 +147,16 @@ def _worst(frame: pd.DataFrame, keys: list[str], scope: str) -> pd.DataFrame:
     return worst.reset_index().assign(scope=scope)
 
 
+def typed(table: pd.DataFrame) -> pd.DataFrame:
+    """The claims table with its column types (an empty one too)."""
+    table = table.reindex(columns=COLUMNS)
+    floats = ["seed", "value", "threshold", "margin"]
+    table[floats] = table[floats].astype(float)
+    table[["checks", "failed"]] = table[["checks", "failed"]].astype("int64")
+    table["holds"] = table.holds.astype(bool)
+    return table
+
+
 def aggregate(checks: pd.DataFrame) -> pd.DataFrame:
     """The ``check`` rows plus their ``run`` and ``claim`` aggregates (see module docstring)."""
     checks = checks.assign(scope="check", checks=1, failed=(~checks.holds).astype(int))
@@ -157,7 +167,7 @@ def aggregate(checks: pd.DataFrame) -> pd.DataFrame:
     )
     per_claim["run"] = "all"
     per_claim["seed"] = np.nan
-    return pd.concat([checks, per_run, per_claim], ignore_index=True)[COLUMNS]
+    return typed(pd.concat([checks, per_run, per_claim], ignore_index=True))
 
 
 def applicable(tables: Tables) -> list[str]:
@@ -171,13 +181,15 @@ def applicable(tables: Tables) -> list[str]:
 
 def evaluate_study(study: str, spec: dict, paths: dict, runs: dict | None = None) -> pd.DataFrame:
     """Every applicable claim of a study over its tables (``key -> parquet path``); the rows
-    of :data:`COLUMNS` (a claim with nothing to check, e.g. a masks study without an inverse
-    test, has no rows)."""
+    of :data:`COLUMNS`. A claim with nothing to check (one of its tables is empty, or it returns
+    no rows: a masks study without an inverse test) has no rows."""
     context = Context(study, spec, runs or {})
     frames = []
     for name in applicable(Tables(paths)):
         entry = register_claim.entry(name)
         tables = Tables(paths)
+        if any(tables[key].empty for key in entry.meta.get("tables", ())):
+            continue  # e.g. a masks study that asks for no inverse test: nothing to check
         rows = register_claim.get(name)(tables, context)
         frame = pd.DataFrame(list(rows) if not isinstance(rows, pd.DataFrame) else rows)
         if frame.empty:
@@ -197,7 +209,7 @@ def evaluate_study(study: str, spec: dict, paths: dict, runs: dict | None = None
         )
         frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=COLUMNS)
+        return typed(pd.DataFrame())
     return aggregate(pd.concat(frames, ignore_index=True))
 
 
@@ -211,7 +223,7 @@ def check_study(study: str, spec: dict, paths: dict, runs: dict, out) -> pd.Data
 def collect(paths, out, html=None) -> pd.DataFrame:
     """Every study's claims table in one (``out``); with ``html``, the report's claims page."""
     frames = [f for f in (io.read_parquet(p) for p in paths) if len(f)]
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    table = typed(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
     io.write_parquet(out, table)
     if html is not None:
         write_html(table, html)
