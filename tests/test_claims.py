@@ -385,3 +385,30 @@ def test_tables_name_the_missing_key(tmp_path):
     assert Context("s", {"figures": {"f": {"kind": "k", "metric": "m"}}}).figures(
         "k", metric="m"
     ) == ["f"]
+
+
+def test_weight_matching_claim_checks_the_zoos_its_figure_shows(tmp_path):
+    rows = []
+    for zoo, before, after in (("mlp", 1.0, 0.1), ("cnn", 2.0, 1.0)):
+        for aligned, barrier in ((False, before), (True, after)):
+            for split in ("train", "test"):
+                rows.append(
+                    {
+                        "metric": "weight_matching",
+                        "zoo": zoo,
+                        "seed_a": 0,
+                        "seed_b": 1,
+                        "aligned": aligned,
+                        "split": split,
+                        "t": 0.5,
+                        "loss_barrier": barrier,
+                    }
+                )
+    table = pd.DataFrame(rows)
+    shown = {"figures": {"b": {"kind": "weight_matching_barrier", "where": {"zoo": "mlp"}}}}
+    out = _study(tmp_path, {"tables/alignment": table}, shown)
+    claim = _claim(out, "weight_matching_removes_barrier")
+    assert claim.holds and claim.checks == 2 and claim.figure == "b"
+    out = _study(tmp_path, {"tables/alignment": table}, {})  # no figure: every zoo
+    claim = _claim(out, "weight_matching_removes_barrier")
+    assert not claim.holds and claim.checks == 4 and claim.failed == 2

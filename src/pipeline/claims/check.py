@@ -92,6 +92,24 @@ class Context:
             if fig.get("kind") == kind and all(fig.get(k) == v for k, v in match.items())
         ]
 
+    def shown(self, table: pd.DataFrame, kind: str) -> pd.DataFrame:
+        """The rows of ``table`` that the study's figures of ``kind`` show (their ``where``
+        filters, e.g. one zoo); every row where no such figure exists or one shows all."""
+        wheres = [
+            fig.get("where", {})
+            for fig in self.spec.get("figures", {}).values()
+            if fig.get("kind") == kind
+        ]
+        if not wheres or not all(wheres):
+            return table
+        keep = np.zeros(len(table), dtype=bool)
+        for where in wheres:
+            match = np.ones(len(table), dtype=bool)
+            for column, value in where.items():
+                match &= (table[column] == value).to_numpy() if column in table else False
+            keep |= match
+        return table[keep]
+
 
 def check(
     run: str,

@@ -3,7 +3,8 @@ an element of G_ReLU (permutations times positive scalings) at their activations
 
 Penalties are in accuracy units (0.15 = 15 points): the members' mean test accuracy minus the
 stitched (or retrained) network's. A stitching type is found by its registered ``type`` (and
-``options``), not by its label in the config.
+``options``), not by its label in the config. Each claim checks the rows its figure shows (the
+figure's ``where``, e.g. one zoo), every row where the study has no such figure.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def grelu_stitching_close_to_linear(tables: Tables, context: Context, points: fl
     a full linear stitching layer, at every layer (the paper: 6-17 points against 1.5-2.7).
 
     Per pair and layer: G_ReLU penalty <= linear penalty + 0.15."""
-    table = tables["tables/stitching"]
+    table = context.shown(tables["tables/stitching"], "stitching_penalty")
     grelu, linear = _penalties(_of_type(table, "birkhoff")), _penalties(_of_type(table, "linear"))
     rows = []
     for key in grelu.index.intersection(linear.index):
@@ -69,7 +70,7 @@ def grelu_stitching_beats_rank1(tables: Tables, context: Context):
     against 42-63).
 
     Per pair and layer: G_ReLU penalty < rank-1 penalty."""
-    table = tables["tables/stitching"]
+    table = context.shown(tables["tables/stitching"], "stitching_penalty")
     grelu = _penalties(_of_type(table, "birkhoff"))
     rank1 = _penalties(_of_type(table, "low_rank", rank=1))
     rows = []
@@ -88,7 +89,7 @@ def rotation_grelu_absorbed(tables: Tables, context: Context):
     layer (the paper: 0/1.7/1.3 against 0.7/4.6/8.3 points).
 
     Per member and layer, penalties averaged over the repeats."""
-    table = tables["tables/rotation"]
+    table = context.shown(tables["tables/rotation"], "rotation_penalty")
     mean = table.groupby(["zoo", "seed", "position", "layer", "group"], sort=True).penalty.mean()
     wide = mean.unstack("group")
     if not {"grelu", "orthogonal"} <= set(wide.columns):
@@ -116,11 +117,13 @@ def weight_matching_removes_barrier(tables: Tables, context: Context, factor: fl
     barrier on the linear path between two networks: after matching it is below 0.2x the
     barrier before.
 
-    Per pair and split: barrier after < 0.2 x barrier before."""
+    Per pair and split: barrier after < 0.2 x barrier before. Git Re-Basin (Ainsworth et al.)
+    finds this for wide enough networks only: the claim checks the zoos the barrier figure
+    shows."""
     table = tables["tables/alignment"]
     if "metric" not in table or not (table.metric == "weight_matching").any():
         return []
-    wm = table[table.metric == "weight_matching"]
+    wm = context.shown(table[table.metric == "weight_matching"], "weight_matching_barrier")
     barrier = wm.groupby(["zoo", "seed_a", "seed_b", "split", "aligned"], sort=True).loss_barrier
     wide = barrier.first().unstack("aligned")
     return [
