@@ -176,7 +176,7 @@ def _stitching(penalties: dict[str, list[float]]) -> pd.DataFrame:
                     "seed_a": 0,
                     "seed_b": 1,
                     "position": position,
-                    "label": f"relu{position}",
+                    "layer": f"act{position}",
                     "stitch": label,
                     "type": kind,
                     "options": json.dumps(options),

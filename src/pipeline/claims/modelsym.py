@@ -31,9 +31,9 @@ def _of_type(table: pd.DataFrame, kind: str, **options) -> pd.DataFrame:
 
 
 def _penalties(rows: pd.DataFrame) -> pd.Series:
-    """Penalty per (zoo, seed_a, seed_b, position, label); the smallest where one type has
+    """Penalty per (zoo, seed_a, seed_b, position, layer); the smallest where one type has
     several labels (e.g. two alphas)."""
-    keys = ["zoo", "seed_a", "seed_b", "position", "label"]
+    keys = ["zoo", "seed_a", "seed_b", "position", "layer"]
     return rows.groupby(keys, sort=True).penalty.min()
 
 
@@ -49,11 +49,11 @@ def grelu_stitching_close_to_linear(tables: Tables, context: Context, points: fl
     grelu, linear = _penalties(_of_type(table, "birkhoff")), _penalties(_of_type(table, "linear"))
     rows = []
     for key in grelu.index.intersection(linear.index):
-        zoo, a, b, position, label = key
+        zoo, a, b, position, layer = key
         rows.append(
             check(
                 _pair(zoo, a, b),
-                f"layer {position} ({label})",
+                f"layer {position} ({layer})",
                 grelu[key],
                 "<=",
                 linear[key] + points,
@@ -75,9 +75,9 @@ def grelu_stitching_beats_rank1(tables: Tables, context: Context):
     rank1 = _penalties(_of_type(table, "low_rank", rank=1))
     rows = []
     for key in grelu.index.intersection(rank1.index):
-        zoo, a, b, position, label = key
+        zoo, a, b, position, layer = key
         rows.append(
-            check(_pair(zoo, a, b), f"layer {position} ({label})", grelu[key], "<", rank1[key])
+            check(_pair(zoo, a, b), f"layer {position} ({layer})", grelu[key], "<", rank1[key])
         )
     return rows
 
