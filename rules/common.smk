@@ -319,6 +319,15 @@ def lottery_inputs(wildcards):
     ]
 
 
+def lottery_labels(wildcards):
+    """Per input of :func:`lottery_inputs`, the columns that say whose levels it holds."""
+    study = wildcards.study
+    strategies = lottery_strategies(study)
+    if study in RECOVERY:
+        return [{"problem": p} for p in PROBLEMS[study] for _ in strategies]
+    return [{"run": r.name, "seed": r.seed} for r in PLAN.runs[study] for _ in strategies]
+
+
 def lottery_settings(wildcards):
     spec = PLAN.study(wildcards.study)
     block = dict(spec.get("lottery") or spec.get("prune"))

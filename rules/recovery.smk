@@ -158,6 +158,8 @@ rule lottery_collect:
         "results/{study}/benchmarks/lottery_collect.tsv"
     wildcard_constraints:
         study=_alternatives(RECOVERY + PRUNE),
+    params:
+        labels=lottery_labels,
     threads: 1
     resources:
         mem_mb=2000,

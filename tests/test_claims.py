@@ -412,3 +412,32 @@ def test_weight_matching_claim_checks_the_zoos_its_figure_shows(tmp_path):
     out = _study(tmp_path, {"tables/alignment": table}, {})  # no figure: every zoo
     claim = _claim(out, "weight_matching_removes_barrier")
     assert not claim.holds and claim.checks == 4 and claim.failed == 2
+
+
+def test_collected_lottery_levels_say_whose_they_are(tmp_path):
+    """Each run's lottery table carries its run and seed once collected, so the lottery claim
+    is checked per seed."""
+    from pipeline.recovery.study import collect_tables
+
+    paths = []
+    for seed, gap in ((1, 0.0), (2, 0.03)):
+        levels = pd.DataFrame(
+            {
+                "strategy": "sparse_global",
+                "level": [0, 1],
+                "sparsity": [0.0, 0.6],
+                "test_accuracy": [0.95, 0.95 - gap],
+            }
+        )
+        paths.append(tmp_path / f"{seed}.parquet")
+        io.write_parquet(paths[-1], levels)
+    labels = [{"run": f"seed~{s}", "seed": s} for s in (1, 2)]
+    table = collect_tables(paths, tmp_path / "lottery.parquet", labels)
+    assert list(table.run) == ["seed~1"] * 2 + ["seed~2"] * 2
+    runs = {f"seed~{s}": {"seed": s} for s in (1, 2)}
+    out = _study(tmp_path, {"tables/lottery": table}, {}, runs)
+    per_run = out[(out.claim == "lottery_ticket") & (out.scope == "run")].set_index("run")
+    assert per_run.holds["seed~1"] and not per_run.holds["seed~2"]
+    assert per_run.seed["seed~2"] == 2
+    with pytest.raises(ValueError):
+        collect_tables(paths, None, labels[:1])
