@@ -357,3 +357,47 @@ def package_versions():
 
 
 VERSIONS = package_versions()
+
+
+# Claims (rules/claims.smk): the tables each study's claims read, and what they know of its runs.
+from pipeline.claims import register_claim  # noqa: E402
+
+
+def claim_tables(study):
+    """``key -> path`` of every table the study's claims may read (key: the path under
+    results/<study>/ without .parquet): the study's tables, each metric's summary, every masks
+    table."""
+    paths = study_tables(study)
+    paths += [
+        f"results/{study}/cache/{metric}.summary.parquet"
+        for metric in PLAN.study(study).get("metrics", [])
+    ]
+    if study in MASKS:
+        paths += [f"results/{study}/masks/tables/{t}.parquet" for t in MASK_TABLES]
+    prefix = f"results/{study}/"
+    return {p[len(prefix) : -len(".parquet")]: p for p in dict.fromkeys(paths)}
+
+
+def study_claims(study):
+    """The registered claims whose tables the study has."""
+    keys = claim_tables(study)
+    return [
+        name
+        for name, entry in register_claim.entries().items()
+        if all(t in keys for t in entry.meta.get("tables", ()))
+    ]
+
+
+def claims_fingerprint(wildcards):
+    """The claims code a study's table depends on: the evaluation and its applicable claims."""
+    parts = [source_fingerprint("pipeline.claims.check", "check_study")]
+    parts += [register_claim.fingerprint(name) for name in study_claims(wildcards.study)]
+    return "-".join(parts)
+
+
+def claim_runs(wildcards):
+    """What the claims know of each run: its seed, model block and training section."""
+    return {
+        r.name: {"seed": r.seed, "model": r.hparams["model"], "train": r.hparams.get("train", {})}
+        for r in PLAN.runs[wildcards.study]
+    }
