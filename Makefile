@@ -1,5 +1,5 @@
 # The two commands a newcomer types (each sets up .venv first if needed):
-#   make default   run the embedded default config: every figure, on the CPU, in minutes
+#   make default   run the embedded default config (every figure, CPU, minutes); print the claims
 #   make test      run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 
 default: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
+	@$(BIN)/python -m pipeline.claims results/claims.parquet
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slurm and not xla" -q --durations=15

@@ -25,6 +25,7 @@ include: "rules/teleport.smk"
 include: "rules/modelsym.smk"
 include: "rules/recovery.smk"
 include: "rules/plots.smk"
+include: "rules/claims.smk"
 
 
 rule all:

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 from pipeline.config import ConfigError, Plan  # noqa: E402
 from pipeline.metrics import register_metric  # noqa: E402
 from pipeline.fingerprint import CodeError, Untracked, code_fingerprint, strings  # noqa: E402
-from pipeline.registry import source_constant, source_fingerprint  # noqa: E402
+from pipeline.registry import source_constant  # noqa: E402
 
 try:
     PLAN = Plan.from_config(config)
@@ -59,33 +59,37 @@ wildcard_constraints:
 
 
 # -- targets ----------------------------------------------------------------------------------
+def study_tables(study):
+    """The tables of a study that `all` builds: every metric table it lists, and its science's."""
+    spec, kind = PLAN.study(study), PLAN.study(study)["kind"]
+    tables = [f"results/{study}/cache/{metric}.parquet" for metric in spec.get("metrics", [])]
+    if study in MASKS:
+        tables.append(f"results/{study}/masks/tables/accuracy.parquet")
+    if study in TELEPORT_GRID:
+        tables.append(f"results/{study}/tables/validation.parquet")
+    if study in INTERPOLATION:
+        tables.append(f"results/{study}/tables/interpolation.parquet")
+    if study in ANALYSIS:
+        tables.append(f"results/{study}/tables/{ANALYSIS_TABLES[kind][0]}.parquet")
+    if study in RECOVERY:
+        tables.append(f"results/{study}/tables/recovery.parquet")
+    if study in RECOVERY + PRUNE and ("lottery" in spec or "prune" in spec):
+        tables.append(f"results/{study}/tables/lottery.parquet")
+    if study in MODELSYM:
+        tables += [
+            f"results/{study}/tables/{part}.parquet"
+            for part in ("alignment", "stitching", "rotation")
+            if part in spec
+        ]
+    if study in TRANSFER:
+        tables.append(f"results/{study}/transfer/accuracy.parquet")
+    return tables
+
+
 def all_targets():
-    """Every figure, every metric table a study lists, and every science's tables."""
-    tables = [
-        f"results/{study}/cache/{metric}.parquet"
-        for study in STUDIES
-        for metric in PLAN.study(study).get("metrics", [])
-    ]
-    tables += [f"results/{study}/masks/tables/accuracy.parquet" for study in MASKS]
-    tables += [f"results/{study}/tables/validation.parquet" for study in TELEPORT_GRID]
-    tables += [f"results/{study}/tables/interpolation.parquet" for study in INTERPOLATION]
-    tables += [
-        f"results/{s}/tables/{ANALYSIS_TABLES[PLAN.study(s)['kind']][0]}.parquet" for s in ANALYSIS
-    ]
-    tables += [f"results/{s}/tables/recovery.parquet" for s in RECOVERY]
-    tables += [
-        f"results/{s}/tables/lottery.parquet"
-        for s in RECOVERY + PRUNE
-        if "lottery" in PLAN.study(s) or "prune" in PLAN.study(s)
-    ]
-    tables += [
-        f"results/{s}/tables/{part}.parquet"
-        for s in MODELSYM
-        for part in ("alignment", "stitching", "rotation")
-        if part in PLAN.study(s)
-    ]
-    tables += [f"results/{study}/transfer/accuracy.parquet" for study in TRANSFER]
-    return [f"results/{fig}.pdf" for fig in FIGURES] + tables
+    """Every figure, every study's tables, and the claims of every study."""
+    tables = [t for study in STUDIES for t in study_tables(study)]
+    return [f"results/{fig}.pdf" for fig in FIGURES] + tables + ["results/claims.parquet"]
 
 
 def run_dir(study, run):
@@ -408,6 +412,15 @@ def lottery_inputs(wildcards):
     ]
 
 
+def lottery_labels(wildcards):
+    """Per input of :func:`lottery_inputs`, the columns that say whose levels it holds."""
+    study = wildcards.study
+    strategies = lottery_strategies(study)
+    if study in RECOVERY:
+        return [{"problem": p} for p in PROBLEMS[study] for _ in strategies]
+    return [{"run": r.name, "seed": r.seed} for r in PLAN.runs[study] for _ in strategies]
+
+
 def lottery_settings(wildcards):
     spec = PLAN.study(wildcards.study)
     block = dict(spec.get("lottery") or spec.get("prune"))
@@ -471,3 +484,40 @@ def package_versions():
 
 
 VERSIONS = package_versions()
+
+
+# Claims (rules/claims.smk): the tables each study's claims read, and what they know of its runs.
+from pipeline.claims import register_claim  # noqa: E402
+
+
+def claim_tables(study):
+    """``key -> path`` of every table the study's claims may read (key: the path under
+    results/<study>/ without .parquet): the study's tables, each metric's summary, every masks
+    table."""
+    paths = study_tables(study)
+    paths += [
+        f"results/{study}/cache/{metric}.summary.parquet"
+        for metric in PLAN.study(study).get("metrics", [])
+    ]
+    if study in MASKS:
+        paths += [f"results/{study}/masks/tables/{t}.parquet" for t in MASK_TABLES]
+    prefix = f"results/{study}/"
+    return {p[len(prefix) : -len(".parquet")]: p for p in dict.fromkeys(paths)}
+
+
+def study_claims(study):
+    """The registered claims whose tables the study has."""
+    keys = claim_tables(study)
+    return [
+        name
+        for name, entry in register_claim.entries().items()
+        if all(t in keys for t in entry.meta.get("tables", ()))
+    ]
+
+
+def claim_runs(wildcards):
+    """What the claims know of each run: its seed, model block and training section."""
+    return {
+        r.name: {"seed": r.seed, "model": r.hparams["model"], "train": r.hparams.get("train", {})}
+        for r in PLAN.runs[wildcards.study]
+    }

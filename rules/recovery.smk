@@ -164,6 +164,7 @@ rule lottery_collect:
         study=_alternatives(RECOVERY + PRUNE),
     params:
         code=code("collect.py"),
+        labels=lottery_labels,
     threads: 1
     resources:
         mem_mb=2000,

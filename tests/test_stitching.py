@@ -184,6 +184,21 @@ def test_stitch_pair_on_a_planted_copy(member, tmp_path):
     assert (table[table.stitch == "rank1"].penalty > 0.1).all()  # a rank-1 map loses classes
 
 
+def test_a_type_can_override_the_shared_stitching_settings(member):
+    """The G_ReLU layer's projected SGD trains at its own learning rate and length."""
+    types = {
+        "linear": {"type": "linear"},
+        "grelu": {"type": "birkhoff", "alpha": 10.0, "settings": {"lr": 0.5, "epochs": 4}},
+    }
+    shared = {"epochs": 2, "lr": 0.05, "batch_size": 64}
+    table = stitch_pair(member, member, types, layers=["act1"], settings=shared)
+    used = {r.stitch: json.loads(r.settings) for r in table.itertuples()}
+    assert used["linear"]["lr"] == 0.05 and used["linear"]["epochs"] == 2
+    assert used["grelu"]["lr"] == 0.5 and used["grelu"]["epochs"] == 4
+    assert used["grelu"]["batch_size"] == 64  # the rest stays shared
+    assert json.loads(table.set_index("stitch").options["grelu"]) == {"alpha": 10.0}
+
+
 def test_sinkhorn_to_convergence_is_doubly_stochastic():
     gen = torch.Generator().manual_seed(0)
     for n in (5, 30, 64):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import time
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import copy_workflow, snakemake
@@ -51,6 +55,9 @@ DEFAULT_JOBS = {
     # plain training runs (masks references, BatchNorm zoo members, the digits teacher)
     "train": 7,
     "plot": 23,
+    # each study's paper claims over its tables, then one table for all
+    "claims": 12,
+    "claims_collect": 1,
     "all": 1,
 }
 
@@ -95,6 +102,51 @@ def test_default_builds_every_figure_in_under_ten_minutes(finished):
     assert "Nothing to be done" in snakemake(wf, "-n").stdout
 
 
+#: every claim the embedded default shows (a claim that stops applying fails the test)
+DEFAULT_CLAIMS = {
+    "mechanics": [
+        "translation_discrete",
+        "scale_discrete",
+        "rescale_discrete",
+        "continuous_sgd",
+        "bn_eps_breaks_scale",
+    ],
+    "teleport_sgd": ["teleport_speeds_up_sgd"],
+    "teleport_micro": ["micro_teleport_angle"],
+    "teleport_interp": ["teleport_invariance"],
+    "modelsym": [
+        "grelu_stitching_close_to_linear",
+        "grelu_stitching_beats_rank1",
+        "rotation_grelu_absorbed",
+        "weight_matching_removes_barrier",
+    ],
+    "modules_addmul": ["inverse_mask_specialises", "specialised_masks_overlap_less"],
+    "modules_double_add": ["inverse_mask_specialises", "pairs_do_not_share"],
+    "modules_removal": ["class_removal_is_specific"],
+    "recovery": ["teacher_neurons_recovered", "reconstruction_generalises"],
+    "digits_teacher": ["lottery_ticket"],
+}
+
+
+def test_every_claim_of_the_default_holds_on_every_seed(finished):
+    wf, _ = finished
+    table = pd.read_parquet(wf / "results" / "claims.parquet")
+    claims = table[table.scope == "claim"]
+    shown = {s: sorted(g.claim) for s, g in claims.groupby("study")}
+    assert shown == {s: sorted(c) for s, c in DEFAULT_CLAIMS.items()}
+    failing = table[~table.holds & (table.scope == "check")]
+    assert failing.empty, failing[["study", "claim", "run", "item", "value", "threshold"]]
+    assert (table[table.scope == "run"].groupby(["study", "claim"]).size() >= 1).all()
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.claims", "results/claims.parquet"],
+        cwd=wf,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"{len(claims)} of {len(claims)} claims hold" in out
+
+
 def test_editing_one_metric_reruns_only_its_jobs(finished):
     wf, _ = finished
     metrics = wf / "src" / "pipeline" / "mechanics" / "metrics.py"
@@ -108,7 +160,8 @@ def test_editing_one_metric_reruns_only_its_jobs(finished):
     metrics.write_text(edited)
     try:
         out = snakemake(wf, "-n").stdout
-        assert job_counts(out) == {"cache": 1, "plot": 1, "all": 1}
+        reruns = {"cache": 1, "plot": 1, "claims": 1, "claims_collect": 1, "all": 1}
+        assert job_counts(out) == reruns
         assert "results/mechanics/cache/rescale.parquet" in out
         assert "results/mechanics_rescale.pdf" in out
     finally:
@@ -119,6 +172,26 @@ def test_editing_one_metric_reruns_only_its_jobs(finished):
         assert "Nothing to be done" in snakemake(wf, "-n").stdout
     finally:
         metrics.write_text(source)
+
+
+def test_editing_a_claim_rechecks_only_its_studies_without_retraining(finished):
+    wf, _ = finished
+    claims = wf / "src" / "pipeline" / "claims" / "masks.py"
+    source = claims.read_text()
+    edited = source.replace(
+        "def inverse_mask_specialises(tables: Tables, context: Context, factor: float = 3.0):",
+        "def inverse_mask_specialises(tables: Tables, context: Context, factor: float = 3.5):",
+    )
+    assert edited != source
+    claims.write_text(edited)
+    try:
+        out = snakemake(wf, "-n", "results/claims.parquet").stdout
+        assert job_counts(out) == {"claims": 2, "claims_collect": 1}
+        assert "results/modules_addmul/claims.parquet" in out
+        assert "results/modules_double_add/claims.parquet" in out
+    finally:
+        claims.write_text(source)
+    assert "Nothing to be done" in snakemake(wf, "-n").stdout
 
 
 def test_bad_config_fails_before_any_job(workflow_copy):
@@ -157,3 +230,7 @@ def test_report_has_every_figure_captioned_by_study_with_config_and_versions(fin
             assert caption in html, caption
     assert "torch 2." in html and "matplotlib" in html  # package versions
     assert "studies" in html and "bn_eps" in html  # the configuration
+    # the claims page, whose category the report lists first (it sorts categories by name)
+    assert "claims.html" in html
+    categories = json.loads(re.search(r"categories = (\{.*?\});", html).group(1))
+    assert sorted(categories, key=str.casefold)[0] == "Claims", sorted(categories)

@@ -259,5 +259,22 @@ def test_sample_pairs_is_seeded_and_never_pairs_a_member_with_itself():
     assert pairs == sample_pairs(range(10), 32, seed=1) != sample_pairs(range(10), 32, seed=2)
     assert len(pairs) == 32 and all(a != b for a, b in pairs)
     assert len({m for p in pairs for m in p}) == 10  # 32 shuffles reach every member
+
+
+@pytest.mark.parametrize("draw", range(10))
+def test_sample_pairs_are_distinct_in_either_order(draw):
+    """(0, 1) and (1, 0) are one pair: a zoo of n members gives at most n (n - 1) / 2 pairs."""
+    import random
+
+    from pipeline.zoo import sample_pairs
+
+    rng = random.Random(draw)
+    n = rng.randint(2, 7)
+    seeds = rng.sample(range(100), n)
+    count = rng.randint(1, 30)
+    pairs = sample_pairs(seeds, count, seed=draw)
+    unordered = {frozenset(p) for p in pairs}
+    assert len(unordered) == len(pairs) == min(count, n * (n - 1) // 2)
+    assert all(len(p) == 2 for p in unordered)
     with pytest.raises(ValueError, match="at least 2"):
         sample_pairs([3], 1)

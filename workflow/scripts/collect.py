@@ -3,4 +3,10 @@
 from pipeline.recovery.study import collect_tables
 from pipeline.workflow import run_step
 
-run_step(snakemake, collect_tables, list(snakemake.input), snakemake.output[0])
+run_step(
+    snakemake,
+    collect_tables,
+    list(snakemake.input),
+    snakemake.output[0],
+    snakemake.params.get("labels"),
+)

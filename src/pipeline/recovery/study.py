@@ -251,9 +251,13 @@ def run_student_lottery(
     return student_lottery(chain, data, ExpandHparams.from_dict(expand), h, out_dir)
 
 
-def collect_tables(paths, out_path=None) -> pd.DataFrame:
-    """Concatenate parquet tables (e.g. every problem's ``recovery.parquet`` of a family)."""
-    table = pd.concat([io.read_parquet(p) for p in paths], ignore_index=True)
+def collect_tables(paths, out_path=None, labels=None) -> pd.DataFrame:
+    """Concatenate parquet tables (e.g. every problem's ``recovery.parquet`` of a family);
+    ``labels``: per path, columns to add to its rows (e.g. ``{"run": ..., "seed": ...}``)."""
+    frames = [io.read_parquet(p) for p in paths]
+    if labels is not None:
+        frames = [f.assign(**label) for f, label in zip(frames, labels, strict=True)]
+    table = pd.concat(frames, ignore_index=True)
     if out_path is not None:
         io.write_parquet(out_path, table)
     return table

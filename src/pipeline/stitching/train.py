@@ -230,7 +230,9 @@ def stitch_pair(
 ) -> pd.DataFrame:
     """The stitching table of members ``a`` (bottom) and ``b`` (top): one row per layer and type.
 
-    ``types``: ``{label: {"type": registered name, **options, "grid"?: {...}}}``; ``layers``:
+    ``types``: ``{label: {"type": registered name, **options, "grid"?: {...}, "settings"?:
+    {...}}}`` (a type's ``settings`` override the shared ones for that type: the G_ReLU layer's
+    projected SGD wants another learning rate than an unconstrained map); ``layers``:
     ``"activations"`` or a list of node names; ``settings``: :class:`StitchSettings` fields.
     """
     from pipeline import devices
@@ -261,10 +263,17 @@ def stitch_pair(
             )
     mean_acc = (base["test_accuracy_a"] + base["test_accuracy_b"]) / 2
     mean_loss = (base["test_loss_a"] + base["test_loss_b"]) / 2
+    per_type = {}
+    for label, spec in types.items():
+        spec = dict(spec)
+        per_type[label] = (
+            spec,
+            StitchSettings.from_dict({**(settings or {}), **spec.pop("settings", {})}),
+        )
     rows = []
     for layer in select_layers(model_a, layers):
-        for label, spec in types.items():
-            res = stitch_layer_pair(model_a, model_b, layer.name, data, spec, s, seed)
+        for label, (spec, st) in per_type.items():
+            res = stitch_layer_pair(model_a, model_b, layer.name, data, spec, st, seed)
             res.pop("history")
             rows.append(
                 {
@@ -279,7 +288,7 @@ def stitch_pair(
                     "penalty": mean_acc - res["test_accuracy"],
                     "loss_penalty": res["test_loss"] - mean_loss,
                     **res,
-                    "settings": json.dumps(asdict(s), sort_keys=True),
+                    "settings": json.dumps(asdict(st), sort_keys=True),
                 }
             )
     return pd.DataFrame(rows)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 
 def sample_pairs(seeds: list[int], count: int, seed: int = 0) -> list[tuple[int, int]]:
-    """``count`` ordered pairs of distinct zoo members, as Godfrey et al. draw them: each pair is
-    the first two seeds of a fresh shuffle of the zoo (seeded by ``seed``; pairs may repeat
-    members, never within a pair). Torch-free: the workflow calls it while parsing."""
+    """``count`` distinct pairs of zoo members, as Godfrey et al. draw them: each pair is the first
+    two seeds of a fresh shuffle of the zoo (seeded by ``seed``), redrawn while it repeats an
+    earlier pair in either order (a member is never paired with itself; members may recur across
+    pairs). At most every pair of the zoo: ``min(count, n (n - 1) / 2)``. Torch-free: the
+    workflow calls it while parsing."""
     import random
 
     from pipeline import seeding
@@ -23,10 +25,14 @@ def sample_pairs(seeds: list[int], count: int, seed: int = 0) -> list[tuple[int,
     seeds = list(seeds)
     if len(seeds) < 2:
         raise ValueError(f"a zoo needs at least 2 members to form pairs; got {seeds}")
+    count = min(count, len(seeds) * (len(seeds) - 1) // 2)
     rng = random.Random(seeding.derive(seed, "pairs"))
-    out = []
-    for _ in range(count):
+    out, seen = [], set()
+    while len(out) < count:
         order = seeds[:]
         rng.shuffle(order)
-        out.append((order[0], order[1]))
+        key = frozenset(order[:2])
+        if key not in seen:
+            seen.add(key)
+            out.append((order[0], order[1]))
     return out

@@ -1,0 +1,14 @@
+"""Check one study's claims over its tables."""
+
+from pipeline.claims.check import check_study
+from pipeline.workflow import run_step
+
+run_step(
+    snakemake,
+    check_study,
+    snakemake.wildcards.study,
+    snakemake.params.spec,
+    snakemake.params.tables,
+    snakemake.params.runs,
+    snakemake.output[0],
+)
