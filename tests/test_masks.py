@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from drawn import capture, check_drawn
 from torch.func import functional_call
 
 from pipeline.config import expand_runs
@@ -283,7 +284,7 @@ def test_transfer_freezes_used_weights_exactly():
         params = [n for n in m1 if n.rsplit(".", 1)[0] == row.layer]
         assert params and row.shared == sum(both[n] for n in params), row
         assert row.sharing == sum(both[n] for n in params) / sum(kept[n] for n in params)
-    assert (_row(sharing, mask="permuted_0", layer="total").sharing) == 0.0  # nothing before it
+    assert not (sharing["mask"] == "permuted_0").any()  # nothing before the first to share
 
 
 # -- study functions end to end -------------------------------------------------------------
@@ -342,9 +343,11 @@ def test_study_stages_tables_and_figures(tmp_path):
         ("confusion_difference", "confusion"),
     ]:
         pdf, png = tmp_path / f"{kind}.pdf", tmp_path / f"{kind}.png"
-        register_figure.get(kind)(
-            {"table": pd.read_parquet(tmp_path / "tables" / f"{table}.parquet")}, {}, pdf, png
-        )
+        with capture() as figs:
+            register_figure.get(kind)(
+                {"table": pd.read_parquet(tmp_path / "tables" / f"{table}.parquet")}, {}, pdf, png
+            )
         assert pdf.stat().st_size > 1000 and png.stat().st_size > 1000
+        check_drawn(figs[0])  # every panel draws finite data; no nan title or label
     with pytest.raises(KeyError, match="unknown keys"):
         study.mask_hparams({"step": 3})

@@ -204,6 +204,7 @@ def test_pseudo_teleport_moves_each_tensor_by_the_teleport_distance(batch_norm):
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.running_mean.uniform_(-1, 1)
                 m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-0.5, 0.5)
     structure = neuron_structure(model, shape)
     cob = sample(structure, "intra_landscape", 0.9, torch.Generator().manual_seed(1))
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
