@@ -111,12 +111,13 @@ class Site:
 @dataclass(frozen=True)
 class Join:
     """A residual Add summing two branches of a group: fx node ``node``, whose argument
-    ``arg`` (the second summand) holds neuron ``i`` at channels ``start + i*block ...``; the
+    ``arg`` (the second summand: a position, or a keyword's name) holds neuron ``i`` at channels
+    ``start + i*block ...``; the
     first summand holds branch ``first``'s output and the second branch ``second``'s. The sum
     holds ``first``'s (its layout is the first summand's)."""
 
     node: str
-    arg: int
+    arg: int | str
     first: int
     second: int
     start: int = 0
@@ -569,10 +570,10 @@ class _Trace:
         """Residual Add: tie the two inputs channel by channel; a zero channel ties nothing."""
         if len(ins) != 2:
             raise StructureError(f"{where}: addition with a constant is not understood")
-        if ins[1] in node.args:
-            self.adds.append(
-                (node.name, node.args.index(ins[1]), self.layouts[ins[0]], self.layouts[ins[1]])
-            )
+        args = list(node.args) + list(node.kwargs.values())
+        keys = list(range(len(node.args))) + list(node.kwargs)
+        second = keys[next(k for k, a in enumerate(args) if a is ins[1])]
+        self.adds.append((node.name, second, self.layouts[ins[0]], self.layouts[ins[1]]))
         a, b = (_channels(self.layouts[i]) for i in ins)
         if len(a) != len(b) or any(x[2] != y[2] for x, y in zip(a, b, strict=True)):
             raise StructureError(f"{where}: residual Add of differently laid out tensors")

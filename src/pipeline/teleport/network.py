@@ -199,12 +199,16 @@ def _rebuild(gm: torch.fx.GraphModule) -> None:
                 post = graph.call_module(f"{SITES}.out{k}", (node,))
             node.replace_all_uses_with(post, delete_user_cb=lambda u, post=post: u is not post)
     joins = _join_factors(state.structure, state.cob, state.shapes)
-    for k, ((name, arg), factor) in enumerate(sorted(joins.items())):
+    for k, ((name, arg), factor) in enumerate(sorted(joins.items(), key=lambda e: str(e[0]))):
         node = nodes[name]
         sites.add_module(f"join{k}", Scale(factor.to(device=param.device, dtype=param.dtype)))
+        summand = node.kwargs[arg] if isinstance(arg, str) else node.args[arg]
         with graph.inserting_before(node):
-            scaled = graph.call_module(f"{SITES}.join{k}", (node.args[arg],))
-        node.update_arg(arg, scaled)
+            scaled = graph.call_module(f"{SITES}.join{k}", (summand,))
+        if isinstance(arg, str):
+            node.update_kwarg(arg, scaled)
+        else:
+            node.update_arg(arg, scaled)
     gm.add_module(SITES, sites)
     gm.graph = graph  # (the setter recompiles)
 
