@@ -249,6 +249,10 @@ def test_dampened_momentum_follows_the_undamped_heavy_ball_theory(tmp_path, lr, 
     deviates by less than lr relative to the terms' size (measured: at most 0.42 lr over random
     draws; forcing with the dampened velocity, as before, gave 2.4-12 lr). The time axis is
     eta (1 - d) * step, and the table says so."""
+    from drawn import capture, check_drawn
+
+    from pipeline.plots import register_figure
+
     train = {"momentum": beta, "dampening": d, "wd": wd, "lr": lr, "epochs": 2}
     tables = _mechanics_run(tmp_path, "damped", train)
     for metric, (table, summary) in tables.items():
@@ -256,6 +260,17 @@ def test_dampened_momentum_follows_the_undamped_heavy_ball_theory(tmp_path, lr, 
         assert (summary.max_rel_dev_continuous < lr).all(), (metric, summary)
         assert np.allclose(table.time, table.step * lr * (1 - d), rtol=1e-12)
         assert table.time_unit.str.startswith("lr (1 - dampening) * step").all()
+    table, summary = tables["rescale"]
+    with capture() as figs:
+        register_figure.get("conservation")(
+            {"table": table, "summary": summary},
+            {"metric": "rescale"},
+            tmp_path / "c.pdf",
+            tmp_path / "c.png",
+        )
+    top, bottom = check_drawn(figs[0])
+    assert top.lines == 3 * table.layer.nunique()  # empirical, continuous, exact per layer
+    assert bottom.xlabel == f"time t = lr (1 - dampening) * step = {lr * (1 - d):g} * step"
 
 
 # -- every registered model ------------------------------------------------------------------
