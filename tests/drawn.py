@@ -20,7 +20,7 @@ class Panel:
     lines: int = 0  # Line2D with a finite point (error bars and box-plot parts excluded)
     errorbars: int = 0
     bars: int = 0
-    boxes: int = 0
+    boxes: int = 0  # PathPatch patches: the boxes of a box plot, step histograms
     images: int = 0
     points: int = 0  # scatter collections with a finite point
     legend: list = field(default_factory=list)
