@@ -78,7 +78,11 @@ class Preconditioner:
 def pseudo_teleport_(
     model: torch.nn.Module, structure: NeuronStructure, cob: ChangeOfBasis, gen: torch.Generator
 ) -> None:
-    """Per parameter tensor: ``theta += |T(theta) - theta|_1 * r / |r|_1``, ``r ~ N(0, I)``."""
+    """Per parameter tensor: ``theta += |T(theta) - theta|_1 * r / |r|_1``, ``r ~ N(0, I)``.
+
+    The original (``simulate_teleportation_sphere``) also lists BatchNorm's running statistics
+    among the tensors, but a teleport leaves them where they are (BatchNorm computes
+    ``BN(x / tau_in)``), so their distance, and their shift, is zero there too."""
     params = dict(model.named_parameters())
     scales = parameter_scales(structure, cob, params)
     for name, p in params.items():
