@@ -225,7 +225,12 @@ def test_mismatched_probe_sets_are_refused(tmp_path):
 
 
 def test_alignment_figures_draw_from_the_tables(feature_pair, tmp_path):
+    """Each figure draws what its table holds: one panel per CKA metric (a matrix each), one
+    Procrustes panel with a line per metric, and one barrier panel per split of the
+    weight-matching rows (the other metrics' rows of a collected alignment table draw nothing,
+    not an empty "nan" panel), with the two paths (as trained, matched) in each."""
     import pandas as pd
+    from drawn import capture, check_drawn
 
     from pipeline.plots import register_figure
 
@@ -234,21 +239,35 @@ def test_alignment_figures_draw_from_the_tables(feature_pair, tmp_path):
     procrustes = pd.concat([compare(m, pair) for m in ("grelu_procrustes", "ortho_procrustes")])
     barrier = pd.DataFrame(
         {
-            "aligned": [False, False, True, True],
-            "t": [0.0, 1.0] * 2,
-            "split": "test",
-            "loss": [0.1, 0.2, 0.1, 0.2],
-            "loss_barrier": [0.5, 0.5, 0.0, 0.0],
+            "metric": "weight_matching",
+            "aligned": [False, False, True, True] * 2,
+            "t": [0.0, 1.0] * 4,
+            "split": ["test"] * 4 + ["train"] * 4,
+            "loss": [0.1, 0.2, 0.1, 0.2] * 2,
+            "loss_barrier": [0.5, 0.5, 0.0, 0.0] * 2,
         }
     )
-    for kind, frame in (
-        ("similarity_matrix", cka_tables),
-        ("procrustes_layers", procrustes),
-        ("weight_matching_barrier", barrier),
-    ):
+    collected = pd.concat([cka_tables, procrustes, barrier], ignore_index=True)
+    expected = {
+        "similarity_matrix": (cka_tables, [("grelu_cka", 1), ("linear_cka", 1)], "images"),
+        "procrustes_layers": (procrustes, [("Procrustes", 2)], "errorbars"),
+        "weight_matching_barrier": (collected, [("test", 2), ("train", 2)], "lines"),
+    }
+    for kind, (frame, panels, what) in expected.items():
         pdf, png = tmp_path / f"{kind}.pdf", tmp_path / f"{kind}.png"
-        register_figure.get(kind)({"table": frame}, {}, pdf, png)
+        with capture() as figs:
+            register_figure.get(kind)({"table": frame}, {}, pdf, png)
         assert pdf.read_bytes()[:4] == b"%PDF" and png.read_bytes()[:4] == b"\x89PNG"
+        drawn = check_drawn(figs[0])
+        assert len(drawn) == len(panels), (kind, [p.title for p in drawn])
+        for p, (title, count) in zip(drawn, panels, strict=True):
+            assert p.title.startswith(title), (kind, p.title)
+            assert getattr(p, what) == count, (kind, p)
+    no_matching = collected[collected.metric != "weight_matching"]
+    with pytest.raises(ValueError, match="no weight_matching rows"):
+        register_figure.get("weight_matching_barrier")(
+            {"table": no_matching}, {}, tmp_path / "x.pdf", tmp_path / "x.png"
+        )
 
 
 def test_collect_tables_concatenates_pairs(feature_pair, tmp_path):

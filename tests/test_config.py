@@ -140,3 +140,121 @@ def test_sweep_over_whole_models_and_datasets():
     bad["sweep"]["model"][1] = {"name": "mlp", "depth": 3}
     with pytest.raises(ConfigError, match=r"sweep.model\[1\].depth: unknown option"):
         cfg.validate({"studies": {"s": bad}})
+
+
+# -- selection on the test split ---------------------------------------------------------------
+def _plateau(metric, val_fraction=0.1, **extra):
+    def mutate(s):
+        s["dataset"]["val_fraction"] = val_fraction
+        s["train"].update(schedule="plateau", plateau_metric=metric)
+        s.update(extra)
+
+    return mutate
+
+
+def _modelsym(metric, val_fraction=0.2, **extra):
+    zoo = {
+        "model": {"name": "myrtle", "width": 2},
+        "seeds": [0, 1],
+        "train": {"schedule": "plateau", "plateau_metric": metric},
+    }
+    return {
+        "studies": {
+            "z": {
+                "kind": "modelsym",
+                "dataset": {"name": "digits", "val_fraction": val_fraction},
+                "zoos": {"bn": zoo},
+                **extra,
+            }
+        }
+    }
+
+
+def test_test_split_selection_is_refused_unless_declared():
+    text = problems(_plateau("test_accuracy"))
+    assert "studies.s.train.plateau_metric: the learning-rate schedule reads the test split" in text
+    assert "studies.s.test_selection" in text
+    # swept into the schedule, too
+    text = problems(
+        lambda s: s["sweep"].update(schedule=["constant", "plateau"], plateau_metric=["test_loss"])
+    )
+    assert "reads the test split (test_loss)" in text
+    # a non-vectorised zoo's schedule
+    with pytest.raises(ConfigError, match=r"studies.z.zoos.bn.train.plateau_metric: the"):
+        cfg.validate(_modelsym("test_accuracy"))
+    # declared: valid, and every figure of the study says it is test-selected
+    protocol = "Armenta et al.: ReduceLROnPlateau on the CIFAR test accuracy"
+    config = copy.deepcopy(BASE)
+    _plateau("test_accuracy", 0.0, test_selection=protocol)(config["studies"]["s"])
+    config["studies"]["s"]["figures"] = {"f": {"kind": "performance", "caption": "Loss."}}
+    plan = Plan.from_config(config)
+    assert plan.figures()["f"][1]["caption"] == f"Test-selected (reproduces {protocol}). Loss."
+    cfg.validate(_modelsym("test_accuracy", test_selection=protocol))
+
+
+def test_validation_selection_needs_a_validation_split():
+    Plan.from_config(_config_with(_plateau("val_accuracy", 0.1)))
+    text = problems(_plateau("val_loss", 0.0))
+    assert "studies.s.train.plateau_metric: a val_* metric needs a validation split" in text
+    with pytest.raises(ConfigError, match="studies.z.dataset.val_fraction: zoo members"):
+        cfg.validate(_modelsym("val_accuracy", 0.0))
+
+
+def _config_with(mutate):
+    config = copy.deepcopy(BASE)
+    mutate(config["studies"]["s"])
+    return config
+
+
+def test_weight_decay_scope_is_a_choice():
+    import torch
+
+    from pipeline.config import TrainHparams
+    from pipeline.train.optim import make_optimizer
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    )
+    named = dict(model.named_parameters())
+    everything = make_optimizer(named, TrainHparams(wd=0.1))
+    assert [g["weight_decay"] for g in everything.param_groups] == [0.1]
+    weights = make_optimizer(named, TrainHparams(wd=0.1, wd_on="weights"))
+    decayed, undecayed = weights.param_groups
+    names = {id(p): n for n, p in named.items()}
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["0.weight", "1.weight", "2.weight"]
+    assert sorted(names[id(p)] for p in undecayed["params"]) == ["0.bias", "1.bias", "2.bias"]
+    assert (decayed["weight_decay"], undecayed["weight_decay"]) == (0.1, 0.0)
+    # one SGD step from zero gradients: only the decayed parameters shrink
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    weights.step()
+    for n, p in named.items():
+        factor = 1 - 0.1 * 0.1 if n.endswith("weight") else 1.0
+        assert torch.allclose(p.detach(), before[n] * factor, rtol=1e-6), n
+    assert "studies.s.train.wd_on" in problems(lambda s: s["train"].update(wd_on="biases"))
+
+
+@pytest.mark.parametrize(
+    "paper,expected",
+    [
+        ("neural_mechanics", "all"),
+        ("teleportation", "all"),
+        ("modelsym", "weights"),
+        ("modules", "all"),
+        ("expand_and_cluster", "all"),
+    ],
+)
+def test_paper_configs_decay_as_their_seed_codebases(paper, expected):
+    """Kunin et al., Armenta et al., Csordas et al. and OpenLTH (Expand-and-Cluster) decay every
+    parameter (torch's weight_decay on model.parameters()); Godfrey et al.'s modelsym decays the
+    parameters whose name contains "weight"."""
+    from pathlib import Path
+
+    config = cfg.load(Path(__file__).resolve().parents[1] / "config" / "paper" / f"{paper}.yaml")
+    plan = Plan.from_config(config)
+    trains = [r.hparams["train"] for runs in plan.runs.values() for r in runs]
+    for study in config["studies"].values():
+        for zoo in study.get("zoos", {}).values():
+            trains.append({**cfg.defaults("train"), **zoo.get("train", {})})
+    assert trains and {t["wd_on"] for t in trains} == {expected}

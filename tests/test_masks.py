@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from drawn import capture, check_drawn
 from torch.func import functional_call
 
 from pipeline.config import expand_runs
@@ -270,8 +271,20 @@ def test_transfer_freezes_used_weights_exactly():
     first = accuracy[accuracy.evaluated == 0].set_index("trained").accuracy
     assert first[0] > 0.5  # permutation 0 learned
     assert first[1] == first[0]  # its weights were frozen while permutation 1 trained
+    assert set(masks) == {"permuted_0", "permuted_1"}
+    # transfer sharing, counted by hand from the two masks: |m_1 & m_0| / |m_1|, per layer and
+    # in total (the sums over every masked parameter)
+    m0, m1 = masks["permuted_0"], masks["permuted_1"]
+    both = {n: int((m1[n] & m0[n]).sum()) for n in m1}
+    kept = {n: int(m1[n].sum()) for n in m1}
     total = _row(sharing, mask="permuted_1", layer="total")
-    assert 0.0 < total.sharing <= 1.0 and set(masks) == {"permuted_0", "permuted_1"}
+    assert (total["count"], total.shared) == (sum(kept.values()), sum(both.values()))
+    assert total.sharing == sum(both.values()) / sum(kept.values())
+    for row in sharing[(sharing["mask"] == "permuted_1") & (sharing.kind == "layer")].itertuples():
+        params = [n for n in m1 if n.rsplit(".", 1)[0] == row.layer]
+        assert params and row.shared == sum(both[n] for n in params), row
+        assert row.sharing == sum(both[n] for n in params) / sum(kept[n] for n in params)
+    assert not (sharing["mask"] == "permuted_0").any()  # nothing before the first to share
 
 
 # -- study functions end to end -------------------------------------------------------------
@@ -330,9 +343,11 @@ def test_study_stages_tables_and_figures(tmp_path):
         ("confusion_difference", "confusion"),
     ]:
         pdf, png = tmp_path / f"{kind}.pdf", tmp_path / f"{kind}.png"
-        register_figure.get(kind)(
-            {"table": pd.read_parquet(tmp_path / "tables" / f"{table}.parquet")}, {}, pdf, png
-        )
+        with capture() as figs:
+            register_figure.get(kind)(
+                {"table": pd.read_parquet(tmp_path / "tables" / f"{table}.parquet")}, {}, pdf, png
+            )
         assert pdf.stat().st_size > 1000 and png.stat().st_size > 1000
+        check_drawn(figs[0])  # every panel draws finite data; no nan title or label
     with pytest.raises(KeyError, match="unknown keys"):
         study.mask_hparams({"step": 3})

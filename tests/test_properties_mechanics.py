@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import Phase, assume, given, note, settings
+from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from strategies import (
     AFFORDABLE,
@@ -40,23 +40,7 @@ from pipeline.models import neuron_structure
 from pipeline.train.optim import loss_fn, make_optimizer
 from pipeline.train.trace import MechanicsTrace
 
-#: Models whose mechanics trace crashes today (a bug another branch is fixing) -> (the error it
-#: raises, why): drawn by their own strict-xfail property, so the fix shows as XPASS.
-KNOWN_BROKEN = {
-    "densenet121": (
-        TypeError,
-        "issue 11 (science branch): DenseNet groups read only by a following BatchNorm have "
-        "no outgoing part; models/reductions.py part_sumsq returns None and "
-        "train/trace.py MechanicsTrace fails on the first step",
-    ),
-    "logistic": (
-        ValueError,
-        "issue 11 (science branch): a model without hidden neurons has no parts; "
-        "train/trace.py MechanicsTrace._reduce calls torch.cat on an empty list and fails on "
-        "the first step",
-    ),
-}
-MODELS = tuple(n for n in AFFORDABLE if n not in KNOWN_BROKEN)
+MODELS = AFFORDABLE
 #: The conservation metrics: every metric of the mechanics module that reads the trace.
 METRICS = tuple(
     name
@@ -180,19 +164,5 @@ ARCH = {"overrides": {"bn_eps": st.just(1e-20)}}
 @settings(max_examples=examples(ci=3, thorough=20))
 @given(data=st.data())
 def test_exact_discrete_conservation_laws(model, data):
-    case = data.draw(cases(model, arch=ARCH, **HPARAMS), label="case")
-    check_conservation(case.arch, case.h, case.loss, case.extra, case.steps, case.seed)
-
-
-@pytest.mark.parametrize(
-    "model",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=error, reason=reason))
-        for name, (error, reason) in KNOWN_BROKEN.items()
-    ],
-)
-@settings(max_examples=examples(ci=2, thorough=20), phases=[Phase.generate])  # no shrinking
-@given(data=st.data())
-def test_exact_discrete_conservation_laws_known_broken(model, data):
     case = data.draw(cases(model, arch=ARCH, **HPARAMS), label="case")
     check_conservation(case.arch, case.h, case.loss, case.extra, case.steps, case.seed)

@@ -179,7 +179,7 @@ def test_stitch_pair_on_a_planted_copy(member, tmp_path):
     # ever fires there; those units are the ones that fire on the test split
     assert (matched.penalty.abs() <= 1e-6).all() and (matched.loss_penalty.abs() <= 1e-6).all()
     learned = table[table.stitch == "birkhoff"]
-    assert learned.projection_error.notna().all() and (learned.m_norm >= 1 - 1e-9).all()
+    assert learned.projection_error.notna().all()
     assert (table.penalty == table.mean_test_accuracy - table.test_accuracy).all()
     assert (table[table.stitch == "rank1"].penalty > 0.1).all()  # a rank-1 map loses classes
 
@@ -288,18 +288,70 @@ def test_batch_norm_modes():
         build_stitched(a, b, "act2", stitch, bn_mode="frozen")
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_learned_birkhoff_layer_recovers_the_planted_permutation(member, seed):
+    """Stitching a model to a copy with its hidden units permuted (a planted permutation), the
+    learned doubly stochastic map rounds to the planted permutation on the units that fire, up
+    to a local optimum of the non-convex task loss: measured over the first draws, all 22 live
+    units of 3 in 6 draws, 21 of 22 in the others (one unit firing on 99% of the inputs stuck
+    in a swap, 2-4 points of penalty)."""
+    data = digits()
+    model = _mlp_member(member)
+    structure = neuron_structure(model, (1, 8, 8))
+    element = random_element(structure, torch.Generator().manual_seed(seed))
+    element.scales, element.bn_scales = {}, {}  # a pure permutation
+    copy = build(*model._spec, seed=0, dtype=torch.float64)
+    copy.load_state_dict(element.apply(dict(model.state_dict()), structure))
+    copy.eval()
+    x, _ = fit_features(model, copy, "act1", data, 10_000, 512)
+    planted = element.perms["fc1"]
+    live = (x > 0).any(0)[planted]  # copy unit i is the model's unit planted[i]
+    assert live.double().mean() > 0.5, "too few live units for the test to mean anything"
+    torch.manual_seed(0)
+    stitch = Birkhoff(24, 24, alpha=0.1).double()
+    gm = build_stitched(model, copy, "act1", stitch)
+    res = train_stitch(gm, data, StitchSettings(epochs=10, lr=0.2, batch_size=64), seed=0)
+    rounded = stitch.permutation().argmax(1)
+    matched = (rounded[live] == planted[live]).double().mean().item()
+    assert matched >= 0.9, (matched, rounded, planted)
+    assert (planted[live] != torch.arange(24)[live]).double().mean() > 0.5  # not ~ identity
+    penalty = evaluate_model(copy, data.test, 512)[1] - res["test_accuracy"]
+    assert penalty <= 0.05, penalty
+
+
 def test_crossvalidated_alpha_is_the_validation_best(member):
+    """The grid's choice is the validation-best option; the selection never reads the test
+    split (scrambled test labels: the same choice and validation numbers; only the reported
+    test accuracy changes), and the train, validation and test splits share no example."""
+    import dataclasses
+
     data = digits()
     model = _mlp_member(member)
     spec = {"type": "birkhoff", "scales_from_start": True, "grid": {"alpha": [0.01, 1.0, 10.0]}}
-    res = stitch_layer_pair(
-        model, model, "act2", data, spec, StitchSettings(epochs=1, lr=0.05, batch_size=64), seed=0
-    )
+    settings = StitchSettings(epochs=1, lr=0.05, batch_size=64)
+    res = stitch_layer_pair(model, model, "act2", data, spec, settings, seed=0)
     grid = json.loads(res["grid"])
     assert [g["alpha"] for g in grid] == [0.01, 1.0, 10.0]
     best = max(grid, key=lambda g: g["val_accuracy"])
     assert json.loads(res["options"])["alpha"] == best["alpha"]
     assert res["val_accuracy"] == best["val_accuracy"]
+    # scramble the test labels: selection unchanged
+    test = data.test
+    wrong = type(test)(test.x, (test.y + 1 + torch.arange(len(test.y)) % 9) % 10, test.normalise)
+    assert (wrong.y != test.y).all()
+    scrambled = stitch_layer_pair(
+        model, model, "act2", dataclasses.replace(data, test=wrong), spec, settings, seed=0
+    )
+    assert scrambled["grid"] == res["grid"] and scrambled["options"] == res["options"]
+    assert scrambled["val_accuracy"] == res["val_accuracy"]
+    assert scrambled["test_accuracy"] < res["test_accuracy"] - 0.5
+    # disjoint splits: no example (an input row) of one split is in another
+    rows = {
+        name: {tuple(r.tolist()) for r in split.x.reshape(len(split.x), -1)}
+        for name, split in (("train", data.train), ("val", data.val), ("test", data.test))
+    }
+    assert not rows["train"] & rows["val"]
+    assert not (rows["train"] | rows["val"]) & rows["test"]
 
 
 def test_rotation_transforms_and_control(member):
@@ -339,16 +391,25 @@ def test_stitching_figures_draw_from_the_tables(member, tmp_path):
         "lasso2": {"type": "lasso", "lam": 0.1},
         "grelu": {"type": "birkhoff"},
     }
+    from drawn import capture, check_drawn
+
     table = stitch_pair(member, member, types, settings={"epochs": 1, "batch_size": 128})
     rotation = rotation_control(member, layers=["fc1"], epochs=0)
+    drawn = {}
     for kind, frame in (
         ("stitching_penalty", table),
         ("lasso_sparsity", table),
         ("rotation_penalty", rotation),
     ):
         pdf, png = tmp_path / f"{kind}.pdf", tmp_path / f"{kind}.png"
-        register_figure.get(kind)({"table": frame}, {}, pdf, png)
+        with capture() as figs:
+            register_figure.get(kind)({"table": frame}, {}, pdf, png)
         assert pdf.read_bytes()[:4] == b"%PDF" and png.read_bytes()[:4] == b"\x89PNG"
+        (panel,) = check_drawn(figs[0])
+        drawn[kind] = panel
+    # one error-bar line per stitching type; one bar per (layer, group) of the rotation table
+    assert drawn["stitching_penalty"].errorbars == len(types)
+    assert drawn["rotation_penalty"].bars == rotation.groupby(["layer", "group"]).ngroups
     with pytest.raises(KeyError, match="stitching_penalty.*penalty"):
         register_figure.get("stitching_penalty")(
             {"table": pd.DataFrame({"stitch": []})}, {}, tmp_path / "x.pdf", tmp_path / "x.png"

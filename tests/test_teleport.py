@@ -1,7 +1,9 @@
-"""Teleportation on every registered model: the function is unchanged (fp32 1e-5, fp64 1e-10,
-also after ten chained inter-landscape teleports with cob_range 10), gradients transform as
-grad / D, CoBs compose and undo, recovery finds a planted CoB, and the stock graph is kept where
-the CoB changes no operation."""
+"""Teleportation on every registered model: the function is unchanged (fp64 1e-10 for each of the
+five samplers and both residual groups; fp32 1e-5 and after ten chained inter-landscape teleports
+with cob_range 10), gradients transform as grad / D, CoBs compose and undo, recovery finds a
+planted CoB, and the stock graph is kept where the CoB changes no operation. On residual
+networks the group is the original's (skip edge and branch their own factors at every Add) or
+its tied subgroup (one factor per stream channel)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pipeline.models import build, neuron_structure, register_model
 from pipeline.models.structure import NeuronStructure
 from pipeline.symmetry.actions import random_element
 from pipeline.teleport.cob import (
+    SAMPLINGS,
     ChangeOfBasis,
     identity,
     parameter_scales,
@@ -79,11 +82,19 @@ def _cases():
     for name, (shape, opts, acts) in MODELS.items():
         for act in acts or (None,):
             options = dict(opts, activation=act) if act else dict(opts)
-            yield pytest.param(name, shape, options, id=f"{name}-{act or 'default'}")
+            yield name, shape, options, f"{name}-{act or 'default'}"
     for name, cases in _structure_cases().items():
         if name not in MODELS:
             shape, opts = cases[0]
-            yield pytest.param(name, shape, opts, id=f"{name}-structure-case")
+            yield name, shape, opts, f"{name}-structure-case"
+
+
+def _sampled_cases():
+    """Every case, each with one of the five samplers in turn (each sampler meets many
+    architectures; :func:`test_every_sampler_and_residual_group` runs all on a few)."""
+    for k, (name, shape, opts, case) in enumerate(_cases()):
+        sampling = SAMPLINGS[k % len(SAMPLINGS)]
+        yield pytest.param(name, shape, opts, sampling, id=f"{case}-{sampling}")
 
 
 def _model(name, shape, opts, dtype=torch.float64, seed=3):
@@ -116,8 +127,8 @@ def test_every_registered_model_is_covered():
     assert names <= covered, names - covered
 
 
-@pytest.mark.parametrize("name,shape,opts", list(_cases()))
-def test_teleport_leaves_the_function_unchanged(name, shape, opts):
+@pytest.mark.parametrize("name,shape,opts,sampling", list(_sampled_cases()))
+def test_teleport_leaves_the_function_unchanged(name, shape, opts, sampling):
     model = _model(name, shape, opts)
     structure = neuron_structure(model, shape)
     x = torch.randn(8, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -127,6 +138,14 @@ def test_teleport_leaves_the_function_unchanged(name, shape, opts):
     with torch.no_grad():
         reference = model(x)
         reference_train = _train_forward(model, x)
+    # this case's sampler, in both residual groups where the model has residual streams (fp64)
+    residual = ("per_branch", "tied") if any(len(g.branches) > 1 for g in structure.groups) else ()
+    for group in residual or ("per_branch",):
+        cob = sample(structure, sampling, 0.9, gen, center=2.0, residual=group)
+        net = materialise(copy.deepcopy(model), shape)
+        teleport_(net, cob)
+        with torch.no_grad():
+            assert _rel(net(x), reference) < 1e-10, (sampling, group)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         base = copy.deepcopy(model).to(dtype)
         net = materialise(base, shape)
@@ -152,6 +171,33 @@ def test_teleport_leaves_the_function_unchanged(name, shape, opts):
         stock.load_state_dict(teleported_parameters(structure, original, one), strict=False)
         with torch.no_grad():
             assert _rel(stock(x), reference) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "name,shape,opts",
+    [
+        ("mlp", (1, 6, 6), {"widths": [10, 8], "batch_norm": True, "activation": "tanh"}),
+        ("resnet20_option_a", (3, 8, 8), {"activation": "elu"}),
+        ("densenet121", (3, 8, 8), MODELS["densenet121"][1] | {"stem": "cifar"}),
+    ],
+)
+def test_every_sampler_and_residual_group(name, shape, opts):
+    """All five samplers, each in the paper's per-branch group and the tied one, one after
+    the other on one materialised network (composed), in train and eval mode, fp64."""
+    model = _model(name, shape, opts)
+    structure = neuron_structure(model, shape)
+    x = torch.randn(6, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+    reference_train = _train_forward(model, x)
+    net = materialise(copy.deepcopy(model), shape)
+    gen = torch.Generator().manual_seed(9)
+    for sampling in SAMPLINGS:
+        for residual in ("per_branch", "tied"):
+            teleport_(net, sample(structure, sampling, 0.9, gen, center=2.0, residual=residual))
+            with torch.no_grad():
+                assert _rel(net(x), reference) < 1e-10, (sampling, residual)
+            assert _rel(_train_forward(net, x), reference_train) < 1e-10, (sampling, residual)
 
 
 @pytest.mark.parametrize(
@@ -328,11 +374,13 @@ def test_densenet_structure_ties_consumer_norms():
 def test_option_a_resnet_teleports_through_its_zero_padded_shortcuts():
     """The stage-1 stream's factors follow it into channels 8..23 of stage 2 (the padded
     channels have their own), a BatchNorm shared by three groups gets one factor per channel,
-    the function is unchanged in train and eval mode, and recovery finds the planted CoB."""
+    the function is unchanged in train and eval mode, and recovery finds the planted CoB (the
+    tied group: one factor per stream channel; the per-branch group has its own test)."""
     shape = (3, 8, 8)
     model = _model("resnet20_option_a", shape, {"bn_eps": 1e-5, "activation": "elu"})
     structure = neuron_structure(model, shape)
-    cob = sample(structure, "inter_landscape", 0.9, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    cob = sample(structure, "inter_landscape", 0.9, gen, residual="tied")
     assert cob.norm_in["layer2.0.bn2"].shape == (32,)
     net = materialise(copy.deepcopy(model), shape)
     teleport_(net, cob)
@@ -357,3 +405,73 @@ def test_option_a_resnet_teleports_through_its_zero_padded_shortcuts():
         assert (found.tau[k] - cob.tau[k]).abs().max() < 1e-10, k
     for k in cob.norm_in:
         assert (found.norm_in[k] - cob.norm_in[k]).abs().max() < 1e-10, k
+
+
+@pytest.mark.parametrize(
+    "name,shape,opts",
+    [
+        ("resnet20", (3, 8, 8), {}),
+        ("resnet20_option_a", (3, 8, 8), {"batch_norm": False}),
+    ],
+)
+def test_residual_teleport_gives_skip_edge_and_branch_their_own_factors(name, shape, opts):
+    """The original's group (Armenta et al.): every branch summed into a residual stream has its
+    own factors, the stream between Adds holds the first summand's basis, and each Add scales
+    its second summand by tau_first / tau_second. Positive factors on a ReLU ResNet then modify
+    the Adds (the tied subgroup modifies nothing); the function is unchanged in train and eval
+    mode; weights reading the stream divide by the factors of the branch they read; a planted
+    per-branch CoB is recovered, and the tied group cannot reach it."""
+    model = _model(name, shape, opts)
+    structure = neuron_structure(model, shape)
+    streams = [g for g in structure.groups if len(g.branches) > 1]
+    assert streams and all(g.joins for g in streams)
+    for g in streams:
+        assert all(j.first != j.second for j in g.joins)
+        assert {j.first for j in g.joins} | {j.second for j in g.joins} == set(
+            range(len(g.branches))
+        ), g.name
+    gen = torch.Generator().manual_seed(8)
+    # positive factors, BatchNorm inputs left alone: only the Adds can change
+    weight_space = {"norm_inputs": False}
+    assert changes_operations(
+        structure, sample(structure, "intra_landscape", 0.5, gen, **weight_space)
+    )
+    tied = sample(structure, "intra_landscape", 0.5, gen, residual="tied", **weight_space)
+    assert not changes_operations(structure, tied)
+    cob = sample(structure, "intra_landscape", 0.5, gen)
+    assert all(cob.tau[g.name].shape == (len(g.branches), g.size) for g in streams)
+    x = torch.randn(6, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    net = materialise(copy.deepcopy(model), shape)
+    teleport_(net, cob)
+    with torch.no_grad():
+        assert _rel(net(x), model(x)) < 1e-10
+    assert _rel(_train_forward(net, x), _train_forward(model, x)) < 1e-10
+    # the stock graph with these weights is another function: the Adds matter
+    before = dict(model.named_parameters())
+    after = teleported_parameters(structure, before, cob)
+    stock = copy.deepcopy(model)
+    stock.load_state_dict(after, strict=False)
+    with torch.no_grad():
+        assert _rel(stock(x), model(x)) > 1e-3
+    # naive reference: the columns an outgoing slice owns are divided by the factors of the
+    # branch it reads (times them, the ratio after / before is one row factor per output), and
+    # each branch's incoming biases and BatchNorm affine rows are multiplied by its factors
+    for g in streams:
+        for sl in g.outgoing:
+            t = cob.tau[g.name][sl.branch].repeat_interleave(sl.block)
+            ratio = (after[sl.param] / before[sl.param]).movedim(sl.axis, 0)
+            cols = ratio[sl.start : sl.start + len(t)]
+            undone = cols * t.reshape(-1, *([1] * (cols.ndim - 1)))
+            assert _rel(undone, undone[:1].expand_as(undone)) < 1e-12, sl
+        for b, branch in enumerate(g.branches):
+            for sl in (sl for sl in branch.incoming if before[sl.param].ndim == 1):
+                ratio = (after[sl.param] / before[sl.param]).movedim(sl.axis, 0)
+                rows = ratio[sl.start : sl.start + g.size].reshape(g.size, -1)
+                expected = cob.tau[g.name][b][:, None].expand_as(rows)
+                assert _rel(rows, expected) < 1e-12, sl
+    found = recover(structure, before, after)
+    for k in cob.tau:
+        assert (found.tau[k] - cob.tau[k]).abs().max() < 1e-10, k
+    tied = recover(structure, before, after, residual="tied")
+    again = teleported_parameters(structure, before, tied)
+    assert max(_rel(again[k], after[k]) for k in after) > 1e-3

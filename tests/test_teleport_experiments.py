@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from drawn import capture, check_drawn
 
 from pipeline import io
 from pipeline.data import load
@@ -43,9 +44,12 @@ def _batches(data, n=3, size=64):
 
 
 def _draw(kind, table, tmp_path, spec=None):
+    """Draw figure ``kind``; its panels (each draws finite data, no nan title or label)."""
     pdf, png = tmp_path / f"{kind}.pdf", tmp_path / f"{kind}.png"
-    register_figure.get(kind)({"table": table}, spec or {}, pdf, png)
+    with capture() as figs:
+        register_figure.get(kind)({"table": table}, spec or {}, pdf, png)
     assert pdf.stat().st_size > 1000 and png.stat().st_size > 1000
+    return check_drawn(figs[0])
 
 
 def test_micro_teleport_is_orthogonal_to_the_gradient(digits, tmp_path):
@@ -73,6 +77,21 @@ def test_micro_teleport_is_orthogonal_to_the_gradient(digits, tmp_path):
             assert deviation[pair] > 0.5, deviation
         tables.append(df.assign(model=f"mlp-{act}{'-bn' if opts else ''}"))
     _draw("micro_teleport", pd.concat(tables), tmp_path)
+
+
+def test_micro_teleport_controls_are_drawn_per_batch_size():
+    """Every (model, batch size) of a micro-teleport study draws its own CoBs and random
+    vectors: the random-vs-random angles differ between batch sizes (they were one stream)."""
+    from pipeline.teleport.tables import micro_table
+
+    spec = {"models": [{"name": "mlp", "widths": [8]}], "batch_sizes": [8, 16], "iterations": 3}
+    table = micro_table(spec, "data", seed=0)
+    rand = table[table.pair == "random_vs_random"].pivot(
+        index="iteration", columns="batch_size", values="cosine"
+    )
+    assert rand.shape == (3, 2) and (rand[8] != rand[16]).all()
+    again = micro_table(spec, "data", seed=0)
+    pd.testing.assert_frame_equal(table, again)  # and reproducible
 
 
 def test_interpolation_endpoints_and_log_cob_path(digits, tmp_path):

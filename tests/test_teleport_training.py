@@ -190,14 +190,32 @@ def test_callback_in_train_run(tmp_path):
     assert max(_rel(first[k], plain[k]) for k in plain) > 1e-3  # and not a plain run
 
 
-def test_pseudo_teleport_moves_each_tensor_by_the_teleport_distance():
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_pseudo_teleport_moves_each_tensor_by_the_teleport_distance(batch_norm):
+    """Per tensor, as the original's simulate_teleportation_sphere: the L1 distance a real
+    teleport moves it, in a random direction. A teleport leaves BatchNorm's running statistics
+    where they are (BN computes BN(x / tau_in)), so their distance, and their shift, is zero in
+    the original too."""
     shape = (1, 6, 6)
-    model = build("mlp", shape, 5, {"widths": [30, 20]}, seed=0, dtype=torch.float64)
+    opts = {"widths": [30, 20], "batch_norm": batch_norm}
+    model = build("mlp", shape, 5, opts, seed=0, dtype=torch.float64)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.bias.uniform_(-0.5, 0.5)
     structure = neuron_structure(model, shape)
     cob = sample(structure, "intra_landscape", 0.9, torch.Generator().manual_seed(1))
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
     scales = parameter_scales(structure, cob, before)
+    net = materialise(copy.deepcopy(model), shape)
+    teleport_(net, cob)
+    moved = dict(net.named_buffers())
+    assert all(torch.equal(moved[k], b) for k, b in buffers.items())  # the teleport's distance
     pseudo_teleport_(model, structure, cob, torch.Generator().manual_seed(2))
+    assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())
     assert set(scales) == set(before) - {"out.bias"}  # the logits keep their basis
     for k, p in model.named_parameters():
         if k not in scales:

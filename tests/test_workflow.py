@@ -158,6 +158,35 @@ def test_every_claim_of_the_default_holds_on_every_seed(finished):
         assert f"{r.study}.{r.claim}" in out  # each claim that does not hold is named
 
 
+def test_every_default_figure_draws_its_tables(finished):
+    """Each figure of the default, redrawn from the tables its plot job read: every panel draws
+    finite data (lines, boxes, bars, images or points) and no title, label or legend says nan;
+    the figures of one kind draw one panel per what their tables hold where that is fixed."""
+    from drawn import capture, check_drawn
+
+    from pipeline.config import Plan, load
+    from pipeline.plots import draw
+
+    wf, _ = finished
+
+    plan = Plan.from_config(load(wf / "config" / "config.yaml"))
+    for fig, (study, spec) in plan.figures().items():
+        block = plan.study(study)
+        if "table" in spec:
+            folder = "masks/tables" if "masks" in block else "tables"
+            table, summary = wf / "results" / study / folder / f"{spec['table']}.parquet", None
+        else:
+            metric = spec.get("metric", "performance")
+            table = wf / "results" / study / "cache" / f"{metric}.parquet"
+            summary = wf / "results" / study / "cache" / f"{metric}.summary.parquet"
+        with capture() as figs:
+            draw(spec["kind"], table, summary, spec, wf / "redraw.pdf", wf / "redraw.png")
+        panels = check_drawn(figs[0])
+        if spec["kind"] == "weight_matching_barrier":
+            assert [p.title.split(":")[0] for p in panels] == ["train", "test"], fig
+            assert all(p.lines == 2 for p in panels), fig
+
+
 def test_editing_one_metric_reruns_only_its_jobs(finished):
     wf, _ = finished
     metrics = wf / "src" / "pipeline" / "mechanics" / "metrics.py"

@@ -36,6 +36,11 @@ class TrainHparams:
     dampening: float = _h("momentum dampening (SGD)", default=0.0)
     nesterov: bool = _h("Nesterov momentum (SGD)", default=False)
     wd: float = _h("coupled (L2) weight decay", default=0.0)
+    wd_on: str = _h(
+        "all (every parameter) or weights (only parameters named *weight*: no biases, no "
+        "BatchNorm shifts)",
+        default="all",
+    )
     beta1: float = _h("Adam beta1", default=0.9)
     beta2: float = _h("Adam beta2", default=0.999)
     adam_eps: float = _h("Adam epsilon", default=1e-8)
@@ -164,6 +169,7 @@ def validate(config: dict) -> None:
             problems += _study_problems(name, study)
         else:
             problems += _analysis_problems(name, study)
+        problems += _selection_problems(name, study)
         problems += _figure_problems(f"studies.{name}", study)
         for fig in study.get("figures", {}):
             if fig in figures:
@@ -248,6 +254,62 @@ def _study_problems(name: str, study: dict) -> list[str]:
         clash = sorted(dup | ({"seed"} & set(leaves)))
         out.append(f"{where}.sweep: run names need distinct key names; clash: {clash}")
     return out
+
+
+def _selection_problems(name: str, study: dict) -> list[str]:
+    """Model selection on the test split (a reduce-on-plateau schedule reading test_* metrics)
+    is refused unless the study declares ``test_selection``: the original protocol it
+    reproduces (its results are then marked test-selected). Selection on validation metrics
+    needs a validation split."""
+    where = f"studies.{name}"
+    blocks = []  # (config key of the train block, the study block it expands to)
+    if study["kind"] == "train":
+        blocks.append((f"{where}.train", study))
+    for zoo, block in study.get("zoos", {}).items() if study["kind"] == "modelsym" else ():
+        zoo_study = {
+            "kind": "train",
+            "dataset": study.get("dataset", {}),
+            "model": block["model"],
+            "train": block.get("train", {}),
+            "seeds": block["seeds"][:1],
+        }
+        blocks.append((f"{where}.zoos.{zoo}.train", zoo_study))
+    out = []
+    for key, block in blocks:
+        metrics = set()
+        try:
+            runs = expand_runs(name, block)
+        except (KeyError, ValueError, TypeError):
+            continue  # a malformed sweep: its own problem is reported elsewhere
+        for run in runs:
+            train, data = run.hparams["train"], run.hparams["dataset"]
+            if train["schedule"] == "plateau":
+                metrics.add((train["plateau_metric"], data["val_fraction"] > 0))
+        if any(m.startswith("test_") for m, _ in metrics) and not study.get("test_selection"):
+            out.append(
+                f"{key}.plateau_metric: the learning-rate schedule reads the test split "
+                f"({', '.join(sorted(m for m, _ in metrics if m.startswith('test_')))}); select "
+                "on val_accuracy or val_loss (dataset.val_fraction > 0), or declare "
+                f"{where}.test_selection: <the original protocol this reproduces> (its "
+                "results are then marked test-selected)"
+            )
+        if any(m.startswith("val_") and not has_val for m, has_val in metrics):
+            out.append(
+                f"{key}.plateau_metric: a val_* metric needs a validation split "
+                f"({where}.dataset.val_fraction > 0)"
+            )
+    if study["kind"] == "modelsym" and not study.get("dataset", {}).get("val_fraction", 0.1) > 0:
+        out.append(
+            f"{where}.dataset.val_fraction: zoo members are selected on the validation split; "
+            "it must be > 0"
+        )
+    return out
+
+
+def selection_note(study: dict) -> str:
+    """The note marking a study's results as selected on the test split ('' if they are not)."""
+    protocol = study.get("test_selection")
+    return f"Test-selected (reproduces {protocol}). " if protocol else ""
 
 
 def _cross_study_problems(config: dict) -> list[str]:
@@ -488,12 +550,16 @@ class Plan:
             raise KeyError(f"study {study!r} has no run {run!r}") from None
 
     def figures(self) -> dict[str, tuple[str, dict]]:
-        """``figure name -> (study, figure spec)`` over all studies."""
-        return {
-            fig: (name, spec)
-            for name, study in self.config.get("studies", {}).items()
-            for fig, spec in study.get("figures", {}).items()
-        }
+        """``figure name -> (study, figure spec)`` over all studies. The caption of a figure of
+        a study that selects on the test split (``test_selection``) says so first."""
+        out = {}
+        for name, study in self.config.get("studies", {}).items():
+            note = selection_note(study)
+            for fig, spec in study.get("figures", {}).items():
+                if note:
+                    spec = {**spec, "caption": note + spec.get("caption", fig)}
+                out[fig] = (name, spec)
+        return out
 
 
 def resolve_hparams(nondefault: dict) -> dict:

@@ -1,9 +1,10 @@
 """The registered mechanics metrics. Each returns a tidy table over a run's checkpoints.
 
-Columns: run, seed, step, time (= lr * step), layer, neuron, quantity, empirical,
-theory_continuous, theory_discrete, magnitude (the size of the terms, to measure deviations
-against: for rescale the sum of the incoming and outgoing norms, not their difference), note
-(empty where a prediction applies; otherwise why none does).
+Columns: run, seed, step, time (the continuous theory's: lr * step, or lr (1 - dampening) * step
+under momentum), time_unit (that rule in words, for axis labels), layer, neuron, quantity,
+empirical, theory_continuous, theory_discrete, magnitude (the size of the terms, to measure
+deviations against: for rescale the sum of the incoming and outgoing norms, not their
+difference), note (empty where a prediction applies; otherwise why none does).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ COLUMNS = [
     "seed",
     "step",
     "time",
+    "time_unit",
     "layer",
     "neuron",
     "quantity",
@@ -42,6 +44,8 @@ def why_no_theory(run: RunArtifacts, needs_ce: bool = False) -> str:
         return f"no prediction for optimizer {h.optimizer} (theory covers SGD and heavy ball)"
     if h.nesterov:
         return "no prediction for Nesterov momentum (theory covers heavy ball)"
+    if h.wd and h.wd_on != "all":
+        return f"no prediction: weight decay acts on {h.wd_on} only (theory decays every parameter)"
     lrs = run.history.loc[run.history.split == "train", "lr"].unique()
     if len(lrs) > 1:
         return f"no prediction under a changing learning rate (schedule {h.schedule})"
@@ -50,14 +54,23 @@ def why_no_theory(run: RunArtifacts, needs_ce: bool = False) -> str:
     return ""
 
 
+def time_unit(h) -> str:
+    """How a run's time axis is measured (``theory.time_step``), for labels."""
+    if h.momentum > 0 and h.dampening:
+        return f"lr (1 - dampening) * step = {h.lr * (1 - h.dampening):g} * step"
+    return f"lr * step = {h.lr:g} * step"
+
+
 def _frame(run, quantity, layer, steps, emp, cont, disc, mag, note) -> pd.DataFrame:
     t, m = emp.shape
+    h = run.train
     return pd.DataFrame(
         {
             "run": run.name,
             "seed": run.seed,
             "step": np.repeat(steps, m),
-            "time": np.repeat(steps * run.train.lr, m),
+            "time": np.repeat(steps * theory.time_step(h.lr, h.momentum, h.dampening), m),
+            "time_unit": time_unit(h),
             "layer": layer,
             "neuron": np.tile(np.arange(m), t),
             "quantity": quantity,

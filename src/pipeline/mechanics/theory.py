@@ -18,10 +18,14 @@ A quantity Q = <theta, J theta> with <g, J theta> = 0 (the symmetry), J diagonal
   Q_{k+1} = Q_k - 2 eta R_k + eta^2 V_{k+1},  P_{k+1} = R_k - eta V_{k+1},  V = <v, J v>;
 - continuous, SGD: Q(t) = e^{-2 lam t} Q_0 + eta^2 sum_{k<n} e^{-2 lam eta (n-k)} U_k, t = eta n,
   U = <u, J u> of the update u = g + lam theta;
-- continuous, momentum (the modified equation (eta'(1+beta)/2) theta'' + (1-beta) theta' =
-  -(g + lam theta)): Q'' + 2 gamma Q' + omega^2 Q = 2|theta'|^2, gamma = (1-beta)/(eta'(1+beta)),
-  omega^2 = 4 lam/(eta'(1+beta)), so Q = h(t) Q_0 + 2 eta' sum_k G(t - tau_k) U_k with the
-  Green's function G of the damped oscillator and U the velocity's <v, J v>, t = eta' n.
+- continuous, momentum: with dampening d, torch's velocity v is (1-d) times the undamped
+  heavy-ball velocity w (w_{k+1} = beta w_k + u_k, theta_{k+1} = theta_k - eta' w_{k+1}), so a
+  dampened run is heavy ball at lr eta' = eta (1-d). Its modified equation
+  (eta'(1+beta)/2) theta'' + (1-beta) theta' = -(g + lam theta) gives
+  Q'' + 2 gamma Q' + omega^2 Q = 2|theta'|^2, gamma = (1-beta)/(eta'(1+beta)),
+  omega^2 = 4 lam/(eta'(1+beta)), so Q = h(t) Q_0 + 2 eta' sum_k G(t - tau_k) W_k with the
+  Green's function G of the damped oscillator and W = <w, J w> = <v, J v> / (1-d)^2 the
+  undamped velocity's, t = eta' n (:func:`time_step`).
 
 Translation (column sums x of the logit layer, sum_c g = 0 under softmax-CE):
 exact SGD x_n = (1 - eta lam)^n x_0; exact momentum: the 2-state recursion of (x, sum_c v);
@@ -106,6 +110,12 @@ def discrete_translation(x0, steps, lr, wd, momentum=0.0, dampening=0.0):
 
 
 # -- continuous predictions (the paper's) -------------------------------------------------------
+def time_step(lr: float, momentum: float = 0.0, dampening: float = 0.0) -> float:
+    """Physical time per update of the continuous theory: eta for plain SGD, eta' = eta (1-d)
+    under momentum (torch ignores dampening without momentum)."""
+    return lr * (1 - dampening) if momentum > 0 else lr
+
+
 def continuous_sgd(q0, ju, lr, wd):
     """Q(t_n) = e^{-2 lam t} Q_0 + eta^2 sum_{k<n} e^{-2 lam eta (n-k)} U_k."""
     r = np.exp(-2 * wd * lr)
@@ -161,11 +171,12 @@ class Oscillator:
         return (plus - minus) / (ap - am)
 
 
-def continuous_momentum(q0, ju, lr, wd, momentum, dampening):
-    """Q = h(t) Q_0 + 2 eta' sum_k G(t - tau_k) U_k, omega^2 = 4 lam / (eta'(1+beta))."""
+def continuous_momentum(q0, jv, lr, wd, momentum, dampening):
+    """Q = h(t) Q_0 + 2 eta' sum_k G(t - tau_k) W_k, omega^2 = 4 lam / (eta'(1+beta)), from
+    ``jv[k] = <v_{k+1}, J v_{k+1}>`` of torch's (dampened) velocity: W = jv / (1-d)^2."""
     osc = Oscillator(lr, momentum, dampening, 4 * wd / (lr * (1 - dampening) * (1 + momentum)))
-    h = osc.homogeneous(ju.shape[0]).reshape(-1, *([1] * (ju.ndim - 1)))
-    return h * q0 + 2 * osc.dt * osc.forced(ju)
+    h = osc.homogeneous(jv.shape[0]).reshape(-1, *([1] * (jv.ndim - 1)))
+    return h * q0 + 2 * osc.dt * osc.forced(jv / (1 - dampening) ** 2)
 
 
 def continuous_translation(x0, steps, lr, wd, momentum=0.0, dampening=0.0):

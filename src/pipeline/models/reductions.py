@@ -48,11 +48,22 @@ def per_neuron(x, sl: Slice, size: int, lead: int = 0, fn=None):
 
 
 def part_sumsq(arrays, part: Part, lead: int = 0):
-    """Sum over the part's slices of the per-neuron sums of squares; ``arrays[param]``."""
+    """Sum over the part's slices of the per-neuron sums of squares; ``arrays[param]``.
+
+    A part without slices (the outgoing part of neurons only a following BatchNorm reads, as
+    in DenseNet) is zeros, shaped and typed like the lead axes of any array of ``arrays``."""
     total = None
     for sl in part.slices:
         red = per_neuron(arrays[sl.param], sl, part.size, lead)
         total = red if total is None else total + red
+    if total is None:
+        like = next(iter(arrays.values()))
+        shape = tuple(like.shape[:lead]) + (part.size,)
+        if hasattr(like, "new_zeros"):  # torch
+            return like.new_zeros(shape)
+        import numpy as np
+
+        return np.zeros(shape, dtype=like.dtype)
     return total
 
 

@@ -19,7 +19,13 @@ each neuron's
   normalisation), the group it reads: these neurons have their own scale (the BatchNorm's affine
   weight and bias are their incoming slices) but follow the read group's permutation;
 - ``sites``: where in the fx trace the activation and max-pools act on the neurons (node name and
-  channel offset), so a change of basis can modify exactly those operations.
+  channel offset), so a change of basis can modify exactly those operations;
+- ``joins``: for a residual stream, every Add that sums two of its branches (node name, which
+  argument is the second summand, the branches of both summands), and on every outgoing slice,
+  normalisation and site the ``branch`` whose output the stream holds there (the first summand's
+  of the last Add before it). The tied group (one factor per channel) ignores them; the
+  original neural-teleportation group gives each branch its own factor and the second summand of
+  every Add the ratio of the two (:mod:`pipeline.teleport.cob`).
 
 Also the ``output`` layer: the Linear producing the logits (translation symmetry of softmax-CE).
 
@@ -76,6 +82,8 @@ class Slice:
 
     Neuron ``i`` owns entries ``start + i*block ... start + (i+1)*block - 1``. ``power`` is how the
     entries scale when the neuron's linear pre-activation is scaled by ``a`` (``a**power``).
+    ``branch``: for a slice reading the neurons (outgoing weights, downstream statistics), the
+    index of the group's branch whose output it reads (0 but on residual streams).
     """
 
     param: str
@@ -83,16 +91,35 @@ class Slice:
     start: int = 0
     block: int = 1
     power: int = 1
+    branch: int = 0
 
 
 @dataclass(frozen=True)
 class Site:
     """An operation acting on a group's neurons in the fx trace of the model: node ``node`` (an
     activation, ``kind="act"``, or a max-pool, ``kind="pool"``) whose input holds neuron ``i`` at
-    channels ``start + i*block ... start + (i+1)*block - 1`` (axis 1)."""
+    channels ``start + i*block ... start + (i+1)*block - 1`` (axis 1); ``branch``: the group's
+    branch whose output the input holds (0 but on residual streams)."""
 
     node: str
     kind: str
+    start: int = 0
+    block: int = 1
+    branch: int = 0
+
+
+@dataclass(frozen=True)
+class Join:
+    """A residual Add summing two branches of a group: fx node ``node``, whose argument
+    ``arg`` (the second summand: a position, or a keyword's name) holds neuron ``i`` at channels
+    ``start + i*block ...``; the
+    first summand holds branch ``first``'s output and the second branch ``second``'s. The sum
+    holds ``first``'s (its layout is the first summand's)."""
+
+    node: str
+    arg: int | str
+    first: int
+    second: int
     start: int = 0
     block: int = 1
 
@@ -120,6 +147,8 @@ class NeuronGroup:
     normalised_by: tuple[Slice, ...] = ()
     tied_to: str | None = None
     sites: tuple[Site, ...] = ()
+    joins: tuple[Join, ...] = ()
+    tied_branch: int = 0  # the branch of ``tied_to`` a consumer BatchNorm reads
 
     @property
     def incoming(self) -> tuple[Slice, ...]:
@@ -183,6 +212,8 @@ class NeuronStructure:
                 slices(g.get("normalised_by", ())),
                 g.get("tied_to"),
                 tuple(Site(**s) for s in g.get("sites", ())),
+                tuple(Join(**j) for j in g.get("joins", ())),
+                g.get("tied_branch", 0),
             )
             for g in raw["groups"]
         )
@@ -389,6 +420,7 @@ class _Trace:
         self.parent: list[int] = []
         self.layouts: dict = {}
         self.uses: list[tuple] = []
+        self.adds: list[tuple] = []  # (node name, arg of the second summand, layouts of both)
         self.used_linear: set[str] = set()
         self.output = None
 
@@ -441,7 +473,7 @@ class _Trace:
         elif kind == "flatten":
             out = self.flatten(node, ins[0], layout, where)
         elif kind == "add":
-            out = self.add(ins, where)
+            out = self.add(node, ins, where)
         elif kind == "cat":
             dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
             if dim != 1:
@@ -534,10 +566,14 @@ class _Trace:
             spatial *= d
         return [_Seg(s.space, s.start, s.size, s.block * spatial) for s in layout]
 
-    def add(self, ins, where):
+    def add(self, node, ins, where):
         """Residual Add: tie the two inputs channel by channel; a zero channel ties nothing."""
         if len(ins) != 2:
             raise StructureError(f"{where}: addition with a constant is not understood")
+        args = list(node.args) + list(node.kwargs.values())
+        keys = list(range(len(node.args))) + list(node.kwargs)
+        second = keys[next(k for k, a in enumerate(args) if a is ins[1])]
+        self.adds.append((node.name, second, self.layouts[ins[0]], self.layouts[ins[1]]))
         a, b = (_channels(self.layouts[i]) for i in ins)
         if len(a) != len(b) or any(x[2] != y[2] for x, y in zip(a, b, strict=True)):
             raise StructureError(f"{where}: residual Add of differently laid out tensors")
@@ -618,10 +654,15 @@ class _Group:
     starts: dict
     size: int = 1
     tied_to: _Group | None = None
+    tied_space: int | None = None  # the space of ``tied_to`` a consumer BatchNorm reads
     name: str = ""
     outgoing: list = field(default_factory=list)  # (space, use, Slice)
     sites: list = field(default_factory=list)  # (space, use, Site, activation)
     normalised_by: list = field(default_factory=list)  # (space read, BN's space, Slices)
+    joins: list = field(default_factory=list)  # (use, Join)
+
+    def branch(self, space: int) -> int:
+        return self.spaces.index(space)
 
     @property
     def first(self) -> tuple[int, int]:
@@ -677,6 +718,7 @@ def _neuron_runs(trace: _Trace, layout, owner: dict) -> list[list]:
                 and r[1] + r[2] == i
                 and r[4] == block
                 and r[3] + r[2] * block == entry
+                and r[5] == space
             ):
                 r[2] += 1
             else:
@@ -708,11 +750,17 @@ def _consumer_groups(trace: _Trace, owner: dict) -> list[_Group]:
             _whole(run, bn)
             parent, _, size, k = run[:4]
             g = _Group(
-                (i,), {i: k}, size, tied_to=parent, name=f"{bn}[{offset + k}:{offset + k + size}]"
+                (i,),
+                {i: k},
+                size,
+                tied_to=parent,
+                tied_space=run[5],
+                name=f"{bn}[{offset + k}:{offset + k + size}]",
             )
             for j in range(size):
                 owner[sp.base + k + j] = (g, j)
-            parent.normalised_by.append((run[5], i, _stat_slices(trace.modules, bn, offset + k)))
+            stats = _stat_slices(trace.modules, bn, offset + k, parent.branch(run[5]))
+            parent.normalised_by.append((run[5], i, stats))
             groups.append(g)
     return groups
 
@@ -736,13 +784,13 @@ def _name(trace: _Trace, g: _Group) -> str:
     return f"{home}[{g.starts[s]}:{g.starts[s] + g.size}]"
 
 
-def _stat_slices(modules, norm, offset=0):
+def _stat_slices(modules, norm, offset=0, branch=0):
     bn = modules[norm]
     if not bn.track_running_stats:
         return ()
     return (
-        Slice(f"{norm}.running_mean", 0, offset, power=1),
-        Slice(f"{norm}.running_var", 0, offset, power=2),
+        Slice(f"{norm}.running_mean", 0, offset, power=1, branch=branch),
+        Slice(f"{norm}.running_var", 0, offset, power=2, branch=branch),
     )
 
 
@@ -776,10 +824,14 @@ def _assemble(trace: _Trace) -> NeuronStructure:
         for run in _neuron_runs(trace, layout, owner):
             _whole(run, name)
             g, _, _, entry, block, space = run
+            b = g.branch(space)
             if kind == "linear":
-                g.outgoing.append((space, use, Slice(f"{name}.weight", 1, entry, block)))
+                g.outgoing.append((space, use, Slice(f"{name}.weight", 1, entry, block, branch=b)))
             else:
-                g.sites.append((space, use, Site(name, kind, entry, block), act))
+                g.sites.append((space, use, Site(name, kind, entry, block, b), act))
+    for use, (node, arg, first, second) in enumerate(trace.adds):
+        for g, join in _joins(trace, owner, node, arg, first, second):
+            g.joins.append((use, join))
     output_groups = {
         owner[trace.spaces[s].base + ch][0].name
         for s, ch, _ in _channels(trace.output or [])
@@ -803,9 +855,37 @@ def _assemble(trace: _Trace) -> NeuronStructure:
                 tuple(sl for *_, sls in sorted(g.normalised_by, key=lambda e: e[:2]) for sl in sls),
                 g.tied_to.name if g.tied_to is not None else None,
                 tuple(site for _, _, site, _ in sorted(g.sites, key=lambda e: e[:2])),
+                tuple(join for _, join in sorted(g.joins, key=lambda e: e[0])),
+                g.tied_to.branch(g.tied_space) if g.tied_to is not None else 0,
             )
         )
     return NeuronStructure(tuple(out), _output_layer(trace, owner))
+
+
+def _joins(trace: _Trace, owner: dict, node: str, arg: int, first, second):
+    """``(group, Join)`` for every group two different branches of which the Add ``node``
+    sums (channels where either summand is zero padding, or both hold one branch, need none)."""
+    runs: list[list] = []  # [group, first neuron, count, start, block, branch a, branch b]
+    entry = 0
+    for (sa, ca, block), (sb, _, _) in zip(_channels(first), _channels(second), strict=True):
+        if sa is not None and sb is not None and sa != sb:
+            g, i = owner[trace.spaces[sa].base + ca]
+            ba, bb = g.branch(sa), g.branch(sb)
+            r = runs[-1] if runs else None
+            if (
+                r is not None
+                and r[0] is g
+                and r[1] + r[2] == i
+                and r[3] + r[2] * block == entry
+                and (r[4], r[5], r[6]) == (block, ba, bb)
+            ):
+                r[2] += 1
+            else:
+                runs.append([g, i, 1, entry, block, ba, bb])
+        entry += block
+    for g, i, count, start, block, ba, bb in runs:
+        _whole([g, i, count], f"residual Add {node}")
+        yield g, Join(node, arg, ba, bb, start, block)
 
 
 def _output_layer(trace: _Trace, owner: dict) -> OutputLayer | None:

@@ -16,6 +16,13 @@ LABELS = {
 }
 
 
+def time_label(rows: pd.DataFrame) -> str:
+    """The x label of one run's panel: the time unit the cache wrote (``time_unit``: the
+    continuous theory's lr (1 - dampening) * step under dampened momentum)."""
+    units = rows["time_unit"].unique() if "time_unit" in rows else []
+    return f"time t = {units[0]}" if len(units) == 1 else r"time $t = \eta \cdot$ step"
+
+
 def _first_seed(table: pd.DataFrame) -> pd.DataFrame:
     first = table.groupby(table.run.map(point_label)).seed.transform("min")
     return table[table.seed == first]
@@ -25,7 +32,8 @@ def _first_seed(table: pd.DataFrame) -> pd.DataFrame:
 def conservation(tables: dict, spec: dict, pdf, png) -> None:
     """One column per hyperparameter point. Top: per layer (summed over neurons; translation:
     the first ``max_neurons`` columns) the empirical quantity (solid), the paper's continuous
-    prediction (black dashed) and the exact discrete one (white dotted), against t = lr * step.
+    prediction (black dashed) and the exact discrete one (white dotted), against the theory's
+    time (t = lr * step; lr (1 - dampening) * step under dampened momentum, as labelled).
     Bottom: the relative deviation |empirical - theory| / magnitude of the terms (log scale), so
     symmetry breaking (BatchNorm's eps, float round-off) is visible, never hidden."""
     plt = pyplot()
@@ -88,7 +96,7 @@ def conservation(tables: dict, spec: dict, pdf, png) -> None:
             text = "no neurons carry this symmetry"
         ax.set_title(f"{point_label(run)}\n{text}", fontsize=8)
         ax.set_ylabel(LABELS.get(metric, metric))
-        dev_ax.set_xlabel(r"time $t = \eta \cdot$ step")
+        dev_ax.set_xlabel(time_label(rows))
         dev_ax.set_ylabel("|empirical - theory| / magnitude")
     from matplotlib.lines import Line2D
 
@@ -129,7 +137,7 @@ def performance(tables: dict, spec: dict, pdf, png) -> None:
             q = rows[rows.quantity == quantity]
             if len(q):
                 twin.plot(q.time, q.empirical, "C0" + style, label=quantity.replace("_", " "))
-        ax.set_xlabel(r"time $t = \eta \cdot$ step")
+        ax.set_xlabel(time_label(rows))
         ax.set_ylabel("loss")
         twin.set_ylabel("accuracy", color="C0")
         twin.set_ylim(0, 1)

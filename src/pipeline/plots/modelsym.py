@@ -204,9 +204,18 @@ def lasso_sparsity(tables: dict, spec: dict, pdf, png) -> None:
 @register_figure("weight_matching_barrier")
 def weight_matching_barrier(tables: dict, spec: dict, pdf, png) -> None:
     """Loss along the linear path between members, before (dashed) and after (solid) weight
-    matching, mean over pairs, per split; the title gives the mean barriers."""
+    matching, mean over pairs, per split; the title gives the mean barriers. Reads the
+    ``weight_matching`` rows of an alignment table (the other metrics' rows have no path)."""
     table = tables["table"]
     _need(table, ["aligned", "t", "split", "loss", "loss_barrier"], "weight_matching_barrier")
+    if "metric" in table.columns:
+        table = table[table.metric == "weight_matching"]
+    table = table[table.split.notna()]
+    if table.empty:
+        raise ValueError(
+            "figure 'weight_matching_barrier': its table has no weight_matching rows (add "
+            "weight_matching to the study's alignment metrics)"
+        )
     splits = list(dict.fromkeys(table.split))
     fig, axes = grid(len(splits), 4.2, 3.4)
     for ax, split in zip(axes, splits, strict=True):

@@ -81,7 +81,7 @@ def train_masked(
     with torch.no_grad():
         for k, m in masks.items():
             params[k].mul_(m)
-    optimizer = make_optimizer(model.parameters(), h)
+    optimizer = make_optimizer(model.named_parameters(), h)
     sched = Schedule(h)
     loss = loss_fn(h.loss)
     per_epoch = data.train.num_batches(h.batch_size, h.drop_last)

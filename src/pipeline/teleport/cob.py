@@ -18,6 +18,19 @@ neurons' ``tau`` is not a symmetry of it computes ``tau * op(x / tau)``
 (:mod:`pipeline.teleport.network`). The teleported network computes the same function, and its
 gradients transform contravariantly: ``grad' = grad / D``.
 
+Residual streams (``residual``): a stream is one neuron group with several branches (the stem
+and every block's last Linear/Conv or BatchNorm, projection shortcuts) tied by Adds.
+
+- ``per_branch`` (the original's group, Armenta et al.): every branch has its own factors,
+  ``tau[group]`` is ``[branches, size]``. The stream between two Adds holds the first summand's
+  basis, so the weights reading it divide by that branch's factors and every Add computes
+  ``x1 + (tau_x1 / tau_x2) x2``: the skip edge acquires a diagonal weight.
+- ``tied``: one factor per stream channel for all branches (``[size]``), a subgroup that
+  modifies no Add (for ReLU with ``tau > 0`` a symmetry of the stock network).
+
+A ``[size]`` factor of a multi-branch group is the tied case of ``[branches, size]`` (products
+broadcast), so tied and per-branch CoBs compose.
+
 CoBs compose by elementwise product (teleporting by ``a`` then ``b`` is teleporting by
 ``a * b``), and :func:`recover` finds the CoB relating two networks in closed form.
 """
@@ -33,12 +46,14 @@ from pipeline.models.structure import ACTIVATIONS, Branch, NeuronStructure
 from pipeline.symmetry.actions import slice_factor
 
 SAMPLINGS = ("intra_landscape", "inter_landscape", "centered", "positive", "negative")
+RESIDUAL = ("per_branch", "tied")
 
 
 @dataclass
 class ChangeOfBasis:
-    """``tau[group] [size]`` and ``norm_in[batchnorm module] [channels]`` (float64, nonzero);
-    a group or BatchNorm left out has factors 1."""
+    """``tau[group] [size]`` (or ``[branches, size]``: per-branch factors of a residual stream)
+    and ``norm_in[batchnorm module] [channels]`` (float64, nonzero); a group or BatchNorm left
+    out has factors 1."""
 
     tau: dict[str, torch.Tensor]
     norm_in: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -74,6 +89,23 @@ class ChangeOfBasis:
             return {k: torch.as_tensor(v, dtype=torch.float64) for k, v in d.items()}
 
         return cls(tensors(raw["tau"]), tensors(raw.get("norm_in", {})))
+
+
+def branch_factors(tau: torch.Tensor, branch: int) -> torch.Tensor:
+    """The factors ``[size]`` of one branch of a group: row ``branch`` of per-branch factors,
+    or the tied factors themselves."""
+    return tau[branch] if tau.ndim == 2 else tau
+
+
+def join_factors(group, tau: torch.Tensor):
+    """``(join, tau_first / tau_second)`` for every Add of the group whose two summands'
+    factors differ (the second summand is multiplied by the ratio)."""
+    if tau.ndim != 2:
+        return
+    for join in group.joins:
+        ratio = tau[join.first] / tau[join.second]
+        if not bool((ratio == 1).all()):
+            yield join, ratio
 
 
 def norm_module(branch: Branch) -> str | None:
@@ -140,6 +172,7 @@ def sample(
     gen: torch.Generator,
     center: float = 1.0,
     norm_inputs: bool = True,
+    residual: str = "per_branch",
 ) -> ChangeOfBasis:
     """A random CoB, i.i.d. per neuron (``r`` = ``cob_range``, ``c`` = ``center``):
 
@@ -149,10 +182,14 @@ def sample(
     - positive: U(0, r]; negative: [-r, 0).
 
     ``norm_inputs``: also draw the factors of every Linear/Conv output that a BatchNorm reads
-    (the paper gives them their own factors); otherwise those stay 1.
+    (the paper gives them their own factors); otherwise those stay 1. ``residual``:
+    ``per_branch`` (the paper's group: each branch of a residual stream its own factors) or
+    ``tied`` (one factor per stream channel); see the module docstring.
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling: {sampling!r} not allowed; allowed: {', '.join(SAMPLINGS)}")
+    if residual not in RESIDUAL:
+        raise ValueError(f"residual: {residual!r} not allowed; allowed: {', '.join(RESIDUAL)}")
     if not cob_range > 0:
         raise ValueError(f"cob_range must be positive; got {cob_range}")
     if sampling == "intra_landscape" and cob_range > 1:
@@ -164,7 +201,11 @@ def sample(
     cob = ChangeOfBasis({})
     norm_parts: dict[str, dict[int, torch.Tensor]] = {}
     for g in structure.groups:
-        cob.tau[g.name] = _draw(g.size, sampling, cob_range, center, gen)
+        if residual == "per_branch" and len(g.branches) > 1:
+            tau = _draw(len(g.branches) * g.size, sampling, cob_range, center, gen)
+            cob.tau[g.name] = tau.reshape(len(g.branches), g.size)
+        else:
+            cob.tau[g.name] = _draw(g.size, sampling, cob_range, center, gen)
         if norm_inputs:
             for branch in g.branches:
                 bn = norm_module(branch)
@@ -193,7 +234,7 @@ def parameter_scales(
 
     for g in structure.groups:
         tau = cob.tau.get(g.name)
-        for branch in g.branches:
+        for b, branch in enumerate(g.branches):
             bn = norm_module(branch)
             lin = cob.norm_in.get(bn) if bn is not None else None
             if lin is not None:
@@ -208,10 +249,10 @@ def parameter_scales(
                     f"basis of group {g.name}"
                 )
             for sl in branch.incoming:
-                times(sl, tau)
+                times(sl, branch_factors(tau, b))
         if tau is not None:
             for sl in g.outgoing:
-                times(sl, tau, inverse=True)
+                times(sl, branch_factors(tau, sl.branch), inverse=True)
     return scales
 
 
@@ -223,7 +264,12 @@ def norm_input_basis(structure: NeuronStructure, cob: ChangeOfBasis) -> dict[str
     for g in structure.groups:
         if g.tied_to is not None:
             (sl, *_) = g.branches[0].linear
-            tau = cob.tau.get(g.tied_to, torch.ones(g.size, dtype=torch.float64))
+            tau = cob.tau.get(g.tied_to)
+            tau = (
+                torch.ones(g.size, dtype=torch.float64)
+                if tau is None
+                else branch_factors(tau, g.tied_branch)
+            )
             segments.setdefault(sl.param.rsplit(".", 1)[0], {})[sl.start] = tau
     out = dict(cob.norm_in)
     for bn, parts in segments.items():
@@ -231,30 +277,36 @@ def norm_input_basis(structure: NeuronStructure, cob: ChangeOfBasis) -> dict[str
     return out
 
 
-def recover(structure: NeuronStructure, before: dict, after: dict) -> ChangeOfBasis:
+def recover(
+    structure: NeuronStructure, before: dict, after: dict, residual: str = "per_branch"
+) -> ChangeOfBasis:
     """The CoB ``tau`` with ``after = teleport(before, tau)`` (two state dicts), in closed form.
 
-    Per group, row-wise least squares over its incoming slices whose input factors are known:
-    ``tau_i = <x_i, y_i> / |x_i|^2`` with ``x = before / tau_in`` (broadcast over columns) and
-    ``y = after``. Groups are solved as their inputs become known (BatchNorm affine rows and
-    biases need none; a residual stream is solved from its stem); then the factors of the
-    Linear/Conv outputs read by BatchNorms. A neuron whose incoming entries are all zero gets 1.
+    Per group (``residual: per_branch``: per branch of a residual stream, giving
+    ``[branches, size]`` factors), row-wise least squares over its incoming slices whose input
+    factors are known: ``tau_i = <x_i, y_i> / |x_i|^2`` with ``x = before / tau_in`` (broadcast
+    over columns) and ``y = after``. Groups are solved as their inputs become known (BatchNorm
+    affine rows and biases need none; a tied residual stream is solved from its stem); then the
+    factors of the Linear/Conv outputs read by BatchNorms. A neuron whose incoming entries are
+    all zero gets 1.
     """
+    if residual not in RESIDUAL:
+        raise ValueError(f"residual: {residual!r} not allowed; allowed: {', '.join(RESIDUAL)}")
     readers: dict[str, list] = {}
     for g in structure.groups:
         for sl in g.outgoing:
             readers.setdefault(sl.param, []).append((g.name, sl))
-    solved: dict[str, torch.Tensor] = {}
+    solved: dict[tuple[str, int], torch.Tensor] = {}  # (group, branch) -> factors
 
     def known(param):
-        return all(name in solved for name, _ in readers.get(param, []))
+        return all((name, sl.branch) in solved for name, sl in readers.get(param, []))
 
     def least_squares(slices, size):
         num = den = None
         for sl in slices:
             x = before[sl.param].detach().to(torch.float64)
             for name, col in readers.get(sl.param, []):
-                x = x / slice_factor(solved[name], col, x.shape)
+                x = x / slice_factor(solved[(name, col.branch)], col, x.shape)
             y = after[sl.param].detach().to(torch.float64)
             n_i = per_neuron(x * y, sl, size, fn=lambda t: t)
             d_i = per_neuron(x, sl, size)
@@ -263,27 +315,41 @@ def recover(structure: NeuronStructure, before: dict, after: dict) -> ChangeOfBa
             return None
         return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.ones_like(num))
 
-    pending = list(structure.groups)
+    # the units solved together: a whole group, or one branch of a per-branch stream
+    pending = []
+    for g in structure.groups:
+        if residual == "per_branch" and len(g.branches) > 1:
+            pending += [(g, (b,)) for b in range(len(g.branches))]
+        else:
+            pending.append((g, tuple(range(len(g.branches)))))
     while pending:
         progress = []
-        for g in pending:
-            usable = [sl for sl in g.incoming if known(sl.param)]
+        for unit in pending:
+            g, branches = unit
+            incoming = [sl for b in branches for sl in g.branches[b].incoming]
+            usable = [sl for sl in incoming if known(sl.param)]
             tau = least_squares(usable, g.size) if usable else None
             if tau is not None:
-                solved[g.name] = tau
-                progress.append(g)
+                for b in branches:
+                    solved[(g.name, b)] = tau
+                progress.append(unit)
         if not progress:
             raise ValueError(
                 "cannot recover the change of basis of groups "
-                f"{[g.name for g in pending]}: no incoming slice with known inputs"
+                f"{sorted({g.name for g, _ in pending})}: no incoming slice with known inputs"
             )
-        pending = [g for g in pending if g not in progress]
+        pending = [u for u in pending if not any(u is p for p in progress)]
+    tau = {}
+    for g in structure.groups:
+        rows = [solved[(g.name, b)] for b in range(len(g.branches))]
+        per_branch = residual == "per_branch" and len(rows) > 1
+        tau[g.name] = torch.stack(rows) if per_branch else rows[0]
     norm_parts: dict[str, dict[int, torch.Tensor]] = {}
     for g in structure.groups:
         for branch in g.branches:
             bn = norm_module(branch)
             if bn is not None:
-                tau = least_squares(branch.linear, g.size)
-                norm_parts.setdefault(bn, {})[branch.linear[0].start] = tau
+                t = least_squares(branch.linear, g.size)
+                norm_parts.setdefault(bn, {})[branch.linear[0].start] = t
     norm_in = {bn: _join_channels(bn, parts) for bn, parts in norm_parts.items()}
-    return ChangeOfBasis(solved, norm_in)
+    return ChangeOfBasis(tau, norm_in)

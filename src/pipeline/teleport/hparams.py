@@ -28,6 +28,11 @@ class TeleportHparams:
         "0: teleport once, before the first update; n: every n epochs", default=0
     )
     norm_inputs: bool = _h("give BatchNorm inputs their own factors", default=True)
+    residual: str = _h(
+        "per_branch (the paper's group: skip edge and branch their own factors at every Add) "
+        "or tied (one factor per residual-stream channel)",
+        default="per_branch",
+    )
     histogram_bins: int = _h("bins of the same-distribution control", default=1000)
     initializer: str = _h(
         "none, normal or xavier: re-initialise before training (Fig. 9)", default="none"

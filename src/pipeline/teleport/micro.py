@@ -4,8 +4,10 @@ orthogonally to the loss gradient.
 With ``tau = 1 + eps u`` the displacement is ``delta W_ij = eps (u_i - u_j) W_ij`` (to first
 order), the generator of the rescale symmetry; where the CoB is a symmetry of the stock network
 (ReLU-like activations with ``tau > 0``), invariance gives ``<grad L, delta> = 0``: the angle is
-90 degrees up to ``O(eps)``. Controls: uniform random vectors ``U[-0.5, 0.5]^P`` against the
-gradient, the displacement and each other, whose angles spread by about ``1/sqrt(P)`` radians.
+90 degrees up to ``O(eps)``. Residual streams keep one factor per channel (the ``tied`` group:
+per-branch factors modify the Adds, so they are no symmetry of the stock network). Controls:
+uniform random vectors ``U[-0.5, 0.5]^P`` against the gradient, the displacement and each other,
+whose angles spread by about ``1/sqrt(P)`` radians.
 """
 
 from __future__ import annotations
@@ -36,15 +38,18 @@ def micro_teleport_angles(
     sampling: str = "intra_landscape",
     seed: int = 0,
     input_shape=None,
+    stream: tuple = (),
 ) -> pd.DataFrame:
     """Angles (degrees) between the minibatch gradient at the model's weights, the displacement
     of a fresh micro-teleport of those weights, and random vectors, per iteration.
 
-    ``batches``: iterable of ``(x, y)``, cycled. Columns: iteration, pair, cosine, angle.
+    ``batches``: iterable of ``(x, y)``, cycled. ``stream``: tags of this call's random draws
+    (CoBs and random vectors), e.g. the model and batch size, so every call of one study draws
+    its own. Columns: iteration, pair, cosine, angle.
     """
     structure = neuron_structure(model, input_shape)
     params = dict(model.named_parameters())
-    gen = seeding.generator(seed, "micro-teleport")
+    gen = seeding.generator(seed, "micro-teleport", *stream)
     rows = []
     source = itertools.cycle(batches)
     for it in range(iterations):
@@ -57,7 +62,8 @@ def micro_teleport_angles(
                 for p in params.values()
             ]
         )
-        scales = parameter_scales(structure, sample(structure, sampling, cob_range, gen), params)
+        cob = sample(structure, sampling, cob_range, gen, residual="tied")
+        scales = parameter_scales(structure, cob, params)
         delta = torch.cat(
             [
                 (p.detach() * (scales[k] - 1.0) if k in scales else torch.zeros_like(p))

@@ -9,7 +9,9 @@ graph so that
   ``tau * op(x / tau)`` (``x * (1/tau)`` and ``y * tau`` nodes around the original node, on the
   channels of the neuron structure's :class:`~pipeline.models.structure.Site`);
 - every BatchNorm whose input basis is not 1 computes ``BN(x / tau_in)`` (its running
-  statistics keep the original basis, so it is exact in train and eval mode).
+  statistics keep the original basis, so it is exact in train and eval mode);
+- every residual Add whose summands carry different per-branch factors computes
+  ``x1 + (tau_x1 / tau_x2) x2`` (a ``Scale`` node on its second argument).
 
 Nothing is inserted where the change of basis leaves an operation alone (ReLU with ``tau > 0``,
 BatchNorm with ``tau_in = 1``), so a pure weight-space teleport runs the stock graph. Working on
@@ -28,7 +30,9 @@ from pipeline.models import neuron_structure
 from pipeline.models.structure import NeuronStructure
 from pipeline.teleport.cob import (
     ChangeOfBasis,
+    branch_factors,
     identity,
+    join_factors,
     norm_input_basis,
     parameter_scales,
     symmetric,
@@ -117,11 +121,13 @@ def _modified_sites(structure: NeuronStructure, cob: ChangeOfBasis):
         tau = cob.tau.get(g.name)
         if tau is None:
             continue
-        act_ok = bool(symmetric(g.activation, tau).all())
-        pool_ok = bool((tau > 0).all())
         for site in g.sites:
-            if not ((site.kind == "act" and act_ok) or (site.kind == "pool" and pool_ok)):
-                yield g, site, tau
+            t = branch_factors(tau, site.branch)
+            ok = bool(symmetric(g.activation, t).all()) if site.kind == "act" else None
+            if site.kind == "pool":
+                ok = bool((t > 0).all())
+            if not ok:
+                yield g, site, t
 
 
 def _view(tau: torch.Tensor, shape) -> torch.Tensor:
@@ -154,6 +160,23 @@ def _norm_factors(structure, cob, graph: torch.fx.Graph, shapes) -> dict:
     return out
 
 
+def _join_factors(structure: NeuronStructure, cob: ChangeOfBasis, shapes: dict) -> dict:
+    """``(Add node name, argument) -> factor`` on the second summand of every Add the CoB
+    modifies, broadcastable to it."""
+    vectors: dict[tuple, torch.Tensor] = {}
+    for g in structure.groups:
+        tau = cob.tau.get(g.name)
+        if tau is None:
+            continue
+        for join, ratio in join_factors(g, tau):
+            key = (join.node, join.arg)
+            if key not in vectors:
+                vectors[key] = torch.ones(shapes[join.node][1], dtype=torch.float64)
+            span = slice(join.start, join.start + g.size * join.block)
+            vectors[key][span] = ratio.repeat_interleave(join.block)
+    return {key: _view(v, shapes[key[0]]) for key, v in vectors.items()}
+
+
 def _rebuild(gm: torch.fx.GraphModule) -> None:
     state: _Teleport = gm._teleport
     param = next(gm.parameters())
@@ -175,15 +198,30 @@ def _rebuild(gm: torch.fx.GraphModule) -> None:
             with graph.inserting_after(node):
                 post = graph.call_module(f"{SITES}.out{k}", (node,))
             node.replace_all_uses_with(post, delete_user_cb=lambda u, post=post: u is not post)
+    joins = _join_factors(state.structure, state.cob, state.shapes)
+    for k, ((name, arg), factor) in enumerate(sorted(joins.items(), key=lambda e: str(e[0]))):
+        node = nodes[name]
+        sites.add_module(f"join{k}", Scale(factor.to(device=param.device, dtype=param.dtype)))
+        summand = node.kwargs[arg] if isinstance(arg, str) else node.args[arg]
+        with graph.inserting_before(node):
+            scaled = graph.call_module(f"{SITES}.join{k}", (summand,))
+        if isinstance(arg, str):
+            node.update_kwarg(arg, scaled)
+        else:
+            node.update_arg(arg, scaled)
     gm.add_module(SITES, sites)
     gm.graph = graph  # (the setter recompiles)
 
 
 def changes_operations(structure: NeuronStructure, cob: ChangeOfBasis) -> bool:
-    """Does the CoB modify any activation, max-pool or BatchNorm (else it is a pure
-    weight-space symmetry of the stock model)?"""
+    """Does the CoB modify any activation, max-pool, BatchNorm or residual Add (else it is a
+    pure weight-space symmetry of the stock model)?"""
     if next(_modified_sites(structure, cob), None) is not None:
         return True
+    for g in structure.groups:
+        tau = cob.tau.get(g.name)
+        if tau is not None and next(join_factors(g, tau), None) is not None:
+            return True
     return any(not bool((t == 1).all()) for t in norm_input_basis(structure, cob).values())
 
 

@@ -79,6 +79,7 @@ def micro_table(spec: dict, data_dir, seed: int = 0) -> pd.DataFrame:
                 spec.get("sampling", "intra_landscape"),
                 seed,
                 data.input_shape,
+                stream=(_label(block), size),
             )
             frames.append(df.assign(model=_label(block), batch_size=size))
     return pd.concat(frames, ignore_index=True)

@@ -78,7 +78,11 @@ class Preconditioner:
 def pseudo_teleport_(
     model: torch.nn.Module, structure: NeuronStructure, cob: ChangeOfBasis, gen: torch.Generator
 ) -> None:
-    """Per parameter tensor: ``theta += |T(theta) - theta|_1 * r / |r|_1``, ``r ~ N(0, I)``."""
+    """Per parameter tensor: ``theta += |T(theta) - theta|_1 * r / |r|_1``, ``r ~ N(0, I)``.
+
+    The original (``simulate_teleportation_sphere``) also lists BatchNorm's running statistics
+    among the tensors, but a teleport leaves them where they are (BatchNorm computes
+    ``BN(x / tau_in)``), so their distance, and their shift, is zero there too."""
     params = dict(model.named_parameters())
     scales = parameter_scales(structure, cob, params)
     for name, p in params.items():
@@ -175,6 +179,7 @@ class TeleportCallback:
         center: float = 1.0,
         every_n_epochs: int = 0,
         norm_inputs: bool = True,
+        residual: str = "per_branch",
         histogram_bins: int = 1000,
         initializer: str = "none",
         init_gain: float = 0.02,
@@ -191,6 +196,7 @@ class TeleportCallback:
             )
         self.mode, self.sampling, self.cob_range, self.center = mode, sampling, cob_range, center
         self.every_n_epochs, self.norm_inputs = every_n_epochs, norm_inputs
+        self.residual = residual
         self.histogram_bins, self.input_shape = histogram_bins, input_shape
         self.initializer, self.init_gain = initializer, init_gain
         self.preconditioner: Preconditioner | None = None
@@ -204,7 +210,15 @@ class TeleportCallback:
     def cob(self, structure: NeuronStructure, seed: int, epoch: int) -> ChangeOfBasis:
         """The CoB drawn at the start of ``epoch``."""
         gen = seeding.generator(seed, "teleport", epoch)
-        return sample(structure, self.sampling, self.cob_range, gen, self.center, self.norm_inputs)
+        return sample(
+            structure,
+            self.sampling,
+            self.cob_range,
+            gen,
+            self.center,
+            self.norm_inputs,
+            self.residual,
+        )
 
     def _structure(self, model):
         if self.input_shape is None and getattr(model, "_neuron_structure", None) is None:

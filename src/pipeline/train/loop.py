@@ -160,7 +160,7 @@ def train_run(
         hparams["model"]["name"], data.input_shape, data.num_outputs, options, seed, dtype
     ).to(dev)
     model.train()
-    optimizer = make_optimizer(model.parameters(), h)
+    optimizer = make_optimizer(model.named_parameters(), h)
     sched = Schedule(h)
     loss = loss_fn(h.loss)
     info = _model_info(model, data)
@@ -480,10 +480,10 @@ def _write_trace(path: Path, trace: MechanicsTrace, seg: dict) -> None:
             for key in ("g2", "u2", "colsum"):
                 data = seg.get(f"t_{key}")
                 if data is not None:
-                    f.create_dataset(
-                        key,
-                        data=data,
-                        compression="lzf",
-                        chunks=(min(len(data), 1024), *data.shape[1:]) if len(data) else None,
+                    chunked = (  # none for zero columns (a model without hidden neurons)
+                        {"compression": "lzf", "chunks": (min(len(data), 1024), *data.shape[1:])}
+                        if data.size
+                        else {}
                     )
+                    f.create_dataset(key, data=data, **chunked)
             f.create_dataset("step", data=np.arange(len(seg.get("t_g2", []))))

@@ -11,8 +11,36 @@ import torch.nn.functional as F
 
 from pipeline.config import TrainHparams
 
+WD_ON = ("all", "weights")
 
-def make_optimizer(params, h: TrainHparams) -> torch.optim.Optimizer:
+
+def decayed(name: str, wd_on: str) -> bool:
+    """Does weight decay act on parameter ``name``? ``all``: every parameter (neural mechanics,
+    neural teleportation, the weight-mask and OpenLTH-derived codebases); ``weights``: only
+    parameters whose own name contains "weight" (Godfrey et al.'s modelsym code: biases and
+    BatchNorm shifts are not decayed, BatchNorm scales are)."""
+    if wd_on not in WD_ON:
+        raise ValueError(f"train.wd_on: {wd_on!r} not allowed; allowed: {', '.join(WD_ON)}")
+    return wd_on == "all" or "weight" in name.rsplit(".", 1)[-1]
+
+
+def param_groups(named, h: TrainHparams):
+    """The optimizer's parameters from ``(name, parameter)`` pairs: one group with decay
+    ``h.wd`` (``wd_on: all``), or a decayed and an undecayed group (``wd_on: weights``)."""
+    named = list(dict(named).items())
+    if h.wd_on == "all":
+        return [p for _, p in named]
+    groups = [
+        {"params": [p for n, p in named if decayed(n, h.wd_on)], "weight_decay": h.wd},
+        {"params": [p for n, p in named if not decayed(n, h.wd_on)], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(named, h: TrainHparams) -> torch.optim.Optimizer:
+    """The run's optimizer over ``named``: ``(name, parameter)`` pairs (or a dict); weight
+    decay ``h.wd`` acts on the parameters :func:`decayed` selects."""
+    params = param_groups(named, h)
     if h.optimizer == "sgd":
         return torch.optim.SGD(
             params,

@@ -136,7 +136,9 @@ class LotteryHparams:
     levels: int = 5
     rewind_step: int = 0  # 0: rewind to the initialisation
     joint: bool = False  # stacked models: rank all models' weights together
-    prune_output: bool = True  # sparse_global/han: the output layer is prunable too
+    # sparse_global/han: is the output layer prunable too? OpenLTH (and Expand-and-Cluster's
+    # students) leave it out; fc19 prunes it at half the rate whatever this says
+    prune_output: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.models.reductions import column_sums, part_sumsq, parts
 from pipeline.models.structure import NeuronStructure
+from pipeline.train.optim import decayed
 
 
 class MechanicsTrace:
@@ -32,7 +33,7 @@ class MechanicsTrace:
             if h.optimizer == "sgd" and h.momentum > 0
             else ("sgd" if h.optimizer == "sgd" else "delta")
         )
-        self.wd = h.wd
+        self.wd = {n: h.wd if decayed(n, h.wd_on) else 0.0 for n in self.named}
         self.rows: dict[str, list] = {"g2": [], "u2": [], "colsum": []}
         self._before: dict | None = None
 
@@ -45,6 +46,8 @@ class MechanicsTrace:
         return out
 
     def _reduce(self, tensors: dict) -> torch.Tensor:
+        if not self.parts:  # no hidden neurons (logistic regression): zero columns
+            return next(iter(tensors.values())).new_zeros(0)
         return torch.cat([part_sumsq(tensors, p) for p in self.parts])
 
     @torch.no_grad()
@@ -60,7 +63,7 @@ class MechanicsTrace:
             self.rows["colsum"].append(column_sums(w, b))
         if self.kind == "sgd":
             self.rows["u2"].append(
-                self._reduce({n: g + self.wd * self.named[n] for n, g in grads.items()})
+                self._reduce({n: g + self.wd[n] * self.named[n] for n, g in grads.items()})
             )
         elif self.kind == "delta":
             self._before = {n: p.detach().clone() for n, p in self.named.items()}

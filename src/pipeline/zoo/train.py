@@ -180,7 +180,7 @@ def train_zoo(
     ]
     check_vectorisable(models[0], name)
     zoo = Zoo(models, data.input_shape)
-    optimizer = make_optimizer(list(zoo.params.values()), h)
+    optimizer = make_optimizer(zoo.params, h)
     sched = Schedule(h)
     loss = loss_fn(h.loss)
     per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
