@@ -144,7 +144,15 @@ def check_conservation(arch, h, loss, extra, steps, seed):
         assert predicted.empty and silent.note.str.contains("Nesterov").all()
     if loss != "ce":
         assert not (predicted.quantity == "translation").any()
-    summary = deviations(predicted)
+    # The class sum of the cross-entropy logit gradient (p - onehot, entries bounded by 1) is zero
+    # only up to the rounding of its terms, so a translation quantity drifts by up to ~eps * lr
+    # per class and step in absolute terms, even where its own magnitude is far smaller (a
+    # zero-initialised bias after one step on a balanced batch: 4e-18 against a magnitude 2e-8).
+    drift = (predicted.empirical - predicted.theory_discrete).abs()
+    floor = (predicted.quantity == "translation") * (
+        4 * arch.num_classes * np.finfo(np.float64).eps * h["lr"] * predicted.step
+    )
+    summary = deviations(predicted[drift > floor])
     note(summary.sort_values("max_rel_dev_discrete").tail(3).to_string())
     worst = summary.max_rel_dev_discrete.max() if len(summary) else 0.0
     assert worst < EXACT, f"exact discrete law off by {worst:.3e} (relative)"
