@@ -138,12 +138,13 @@ def test_moving_each_student_by_its_own_symmetry_changes_nothing(name):
 
         pd.testing.assert_frame_equal(fates(rec_moved.clusters), fates(rec.clusters))
         # ... and the collapsed networks, before the final fit (which can repair a wrong merge
-        # of the outgoing weights), compute the same function to round-off (measured: 1e-16)
+        # of the outgoing weights), compute the same function to the rounding of the moved
+        # students' parameters (one rounding in the students' dtype, float32: measured 1e-8)
         x = data.x[:1024]
         collapsed = forward(rec.collapsed_chain, rec.before_finetune, x)
         again = forward(rec_moved.collapsed_chain, rec_moved.before_finetune, x)
         rel = float((again - collapsed).norm() / collapsed.norm())
-        assert rel < 1e-14, rel
+        assert rel < torch.finfo(students.params["fc1.weight"].dtype).eps, rel
     neurons, _ = compare(rec.chain, rec.params, rec_moved.chain, rec_moved.params)
     pairs = neurons[neurons.kind == "teacher"]
     assert (pairs.groupby("layer", sort=False).match.nunique() == list(rec.widths)).all(), pairs
