@@ -516,8 +516,6 @@ def study_claims(study):
 
 
 def claim_runs(wildcards):
-    """What the claims know of each run: its seed, model block and training section."""
-    return {
-        r.name: {"seed": r.seed, "model": r.hparams["model"], "train": r.hparams.get("train", {})}
-        for r in PLAN.runs[wildcards.study]
-    }
+    """What the claims know of each run: its non-default hyperparameters (the claims job
+    resolves the defaults, so adding a hyperparameter with a default re-checks nothing)."""
+    return {r.name: r.nondefault for r in PLAN.runs[wildcards.study]}

@@ -232,7 +232,12 @@ def evaluate_study(study: str, spec: dict, paths: dict, runs: dict | None = None
 
 
 def check_study(study: str, spec: dict, paths: dict, runs: dict, out) -> pd.DataFrame:
-    """:func:`evaluate_study`, written to ``out`` (parquet)."""
+    """:func:`evaluate_study`, written to ``out`` (parquet). ``runs``: each run's non-default
+    hyperparameters (:attr:`pipeline.config.Run.nondefault`; the rule passes only these, so a
+    new hyperparameter with a default re-checks nothing), resolved here."""
+    from pipeline.config import resolve_hparams
+
+    runs = {name: resolve_hparams(hp) for name, hp in runs.items()}
     table = evaluate_study(study, spec, paths, runs)
     io.write_parquet(out, table)
     return table
