@@ -226,9 +226,12 @@ def test_editing_a_claim_rechecks_only_its_studies_without_retraining(finished):
     claims.write_text(edited)
     try:
         out = snakemake(wf, "-n", "results/claims.parquet").stdout
-        assert job_counts(out) == {"claims": 2, "claims_collect": 1}
+        # the three mask studies run this claim (modules_removal's has no subtask pairs: no
+        # rows); no other study's claims job and no training job re-runs
+        assert job_counts(out) == {"claims": 3, "claims_collect": 1}
         assert "results/modules_addmul/claims.parquet" in out
         assert "results/modules_double_add/claims.parquet" in out
+        assert "results/modules_removal/claims.parquet" in out
     finally:
         claims.write_text(source)
     assert "Nothing to be done" in snakemake(wf, "-n").stdout
