@@ -43,8 +43,8 @@ DEFAULT_JOBS = {
     "rotation": 1,
     "modelsym_collect": 2,
     # weight masks
-    "masks_train": 4,
-    "masks_analyse": 4,
+    "masks_train": 3,
+    "masks_analyse": 3,
     "masks_collect": 3,
     # Expand-and-Cluster and lottery tickets
     "recovery_expand": 3,
@@ -53,7 +53,7 @@ DEFAULT_JOBS = {
     "prune": 3,
     "lottery_collect": 1,
     # plain training runs (masks references, BatchNorm zoo members, the digits teacher)
-    "train": 7,
+    "train": 6,
     "plot": 23,
     # each study's paper claims over its tables, then one table for all
     "claims": 12,
