@@ -94,7 +94,7 @@ def runs(cluster, tmp_path_factory):
 def test_every_job_ran_under_slurm(runs):
     _, slurm, _, _ = runs
     logs = sorted((slurm / "results").rglob("logs/**/*.log"))
-    assert len(logs) == 8  # 2 train, 2 extract, 2 cache, 2 plots
+    assert len(logs) == 10  # 2 train, 2 extract, 2 cache, 2 plots, claims, claims_collect
     ids = {}
     for log in logs:
         found = re.findall(r"SLURM_JOB_ID=(\d+)", log.read_text())
