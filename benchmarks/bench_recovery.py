@@ -158,11 +158,10 @@ def expand_settings(dtype: str | None = None) -> ExpandHparams:
     return replace(h, dtype=dtype) if dtype else h
 
 
-def family(count: int, out: Path, chosen: list[str], table: str = "family_rules") -> None:
-    path = out / f"{table}.parquet"
-    done = set(io.read_parquet(path).problem) if path.exists() else set()
-    variants = {k: v for k, v in rules().items() if k in chosen}
-    problems = toy_family(
+def toy_problems(count: int) -> dict:
+    """The one-hidden-layer toy family every toy benchmark part draws (minimum teacher angles
+    5-30 degrees)."""
+    return toy_family(
         count,
         seed=0,
         activations=ACTIVATIONS,
@@ -170,7 +169,18 @@ def family(count: int, out: Path, chosen: list[str], table: str = "family_rules"
         min_outgoing=0.3,
         gains=GAINS,
     )
-    for name, spec in problems.items():
+
+
+def solved_problems(path: Path) -> set:
+    """The problems a part's table already holds (a killed benchmark resumes after them)."""
+    return set(io.read_parquet(path).problem) if path.exists() else set()
+
+
+def family(count: int, out: Path, chosen: list[str], table: str = "family_rules") -> None:
+    path = out / f"{table}.parquet"
+    done = solved_problems(path)
+    variants = {k: v for k, v in rules().items() if k in chosen}
+    for name, spec in toy_problems(count).items():
         if name in done:
             continue
         table = solve(name, spec, 1000, expand_settings(), variants, out / "students")
@@ -210,7 +220,7 @@ def deep_family(seeds: int) -> dict[str, tuple[str, dict]]:
 
 def deep(seeds: int, out: Path, chosen: list[str]) -> None:
     path = out / "deep.parquet"
-    done = set(io.read_parquet(path).problem) if path.exists() else set()
+    done = solved_problems(path)
     variants = {k: v for k, v in rules().items() if k in chosen}
     for name, (shape, spec) in deep_family(seeds).items():
         if name in done:
@@ -233,16 +243,8 @@ def dtypes(count: int, out: Path) -> None:
     """CPU seconds per problem (students, then reconstruction) with float32 and float64
     students, interleaved, and the distances each gives."""
     path = out / "dtype.parquet"
-    done = set(io.read_parquet(path).problem) if path.exists() else set()
-    problems = toy_family(
-        count,
-        seed=0,
-        activations=ACTIVATIONS,
-        min_angles=(5.0, 30.0),
-        min_outgoing=0.3,
-        gains=GAINS,
-    )
-    for name, spec in problems.items():
+    done = solved_problems(path)
+    for name, spec in toy_problems(count).items():
         if name in done:
             continue
         rows = []
