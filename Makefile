@@ -26,8 +26,12 @@ default: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 	@$(BIN)/python -m pipeline.claims results/claims.parquet
 
+# Two pytest workers (a test file per worker, so module fixtures run once), then the tests that
+# time the embedded default alone on the machine.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slurm and not xla" -q --durations=15
+	$(BIN)/python -m pytest -m "not slurm and not xla and not serial" -n 2 --dist loadfile -q \
+		--durations=15
+	$(BIN)/python -m pytest -m "serial" -q --durations=5
 
 # The property tests with many larger, freshly drawn examples (Hypothesis profile "thorough";
 # make test runs them small and derandomized).

@@ -14,6 +14,8 @@ import yaml
 from conftest import copy_workflow, snakemake
 
 pytestmark = pytest.mark.slow
+#: The tests that read the timed default run: make test runs them after the others, alone.
+serial = pytest.mark.serial
 
 #: Jobs of the embedded default, by rule (a test fails when the DAG grows unnoticed: the default
 #: must stay small, torch costs ~2 s per job here).
@@ -87,6 +89,7 @@ def test_dry_run_shows_the_dag_without_running(workflow_copy):
     assert "digraph" in dag and "train_traced" in dag
 
 
+@serial
 def test_default_builds_every_figure_in_under_ten_minutes(finished):
     wf, seconds = finished
     assert seconds < 600, f"default workflow took {seconds:.0f} s"
@@ -135,6 +138,7 @@ DEFAULT_CLAIMS = {
 CONTRADICTED = {("modelsym", "rotation_grelu_absorbed")}
 
 
+@serial
 def test_every_claim_of_the_default_holds_on_every_seed(finished):
     wf, _ = finished
     table = pd.read_parquet(wf / "results" / "claims.parquet")
@@ -157,6 +161,7 @@ def test_every_claim_of_the_default_holds_on_every_seed(finished):
         assert f"{r.study}.{r.claim}" in out  # each claim that does not hold is named
 
 
+@serial
 def test_every_default_figure_draws_its_tables(finished):
     """Each figure of the default, redrawn from the tables its plot job read: every panel draws
     finite data (lines, boxes, bars, images or points) and no title, label or legend says nan;
@@ -186,6 +191,7 @@ def test_every_default_figure_draws_its_tables(finished):
             assert all(p.lines == 2 for p in panels), fig
 
 
+@serial
 def test_editing_one_metric_reruns_only_its_jobs(finished):
     wf, _ = finished
     metrics = wf / "src" / "pipeline" / "mechanics" / "metrics.py"
@@ -213,6 +219,7 @@ def test_editing_one_metric_reruns_only_its_jobs(finished):
         metrics.write_text(source)
 
 
+@serial
 def test_editing_a_claim_rechecks_only_its_studies_without_retraining(finished):
     wf, _ = finished
     claims = wf / "src" / "pipeline" / "claims" / "masks.py"
@@ -259,6 +266,7 @@ def test_paper_configs_plan_without_data(workflow_copy):
         assert "digraph" in snakemake(workflow_copy, "--rulegraph", configfile).stdout
 
 
+@serial
 def test_report_has_every_figure_captioned_by_study_with_config_and_versions(finished):
     wf, _ = finished
     snakemake(wf, "--report", "results/report.html")
