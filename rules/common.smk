@@ -354,6 +354,16 @@ def zoo_code(study, zoo):
     return per_job(param)
 
 
+def zoo_summary_code(study, zoo):
+    """What a vectorised zoo job's ``summary.json`` records as ``code`` (see :mod:`pipeline.stale`),
+    computed here rather than in the job; :class:`Untracked`, as ``code`` re-runs the job."""
+    return per_job(
+        lambda wildcards: Untracked(
+            code_fingerprint(zoo_study.ZOO_CODE, zoo_study.zoo_hparams(PLAN.study(study), zoo))
+        )
+    )
+
+
 def stitching_type(wildcards):
     return PLAN.study(wildcards.study)["stitching"]["types"][wildcards.stitch]["type"]
 

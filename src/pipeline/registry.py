@@ -139,7 +139,7 @@ def _registrations(module: str) -> list[tuple]:
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
         pass
     found = []
-    for node in ast.parse(data.decode(), filename=str(path)).body:
+    for node in _parse(module).body:
         if not isinstance(node, ast.FunctionDef):
             continue
         for dec in node.decorator_list:
