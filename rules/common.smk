@@ -209,6 +209,23 @@ def chunk_code(study, runs):
     return per_job(lambda wildcards: training_code(study, runs, "train_chunk.py"))
 
 
+def summary_code(run):
+    """What the run's ``summary.json`` records as ``code`` (see :mod:`pipeline.stale`), computed
+    here rather than in each job (about 0.5 s a job)."""
+    target = source_constant("pipeline.runs", "TRAIN_CODE")  # (pipeline.runs imports torch)
+    return code_fingerprint(target, run.hparams)
+
+
+@per_job
+def train_summary_code(wildcards):
+    """:class:`Untracked`: the ``code`` param already re-runs the job when its code changes."""
+    return Untracked(summary_code(PLAN.run(wildcards.study, wildcards.run)))
+
+
+def chunk_summary_codes(runs):
+    return per_job(lambda wildcards: Untracked(tuple(summary_code(r) for r in runs)))
+
+
 def train_threads(wildcards):
     return study_resources(wildcards, "threads", THREADS)
 
@@ -335,6 +352,16 @@ def zoo_code(study, zoo):
         return value if tracks_code(study) else Untracked(value)
 
     return per_job(param)
+
+
+def zoo_summary_code(study, zoo):
+    """What a vectorised zoo job's ``summary.json`` records as ``code`` (see :mod:`pipeline.stale`),
+    computed here rather than in the job; :class:`Untracked`, as ``code`` re-runs the job."""
+    return per_job(
+        lambda wildcards: Untracked(
+            code_fingerprint(zoo_study.ZOO_CODE, zoo_study.zoo_hparams(PLAN.study(study), zoo))
+        )
+    )
 
 
 def stitching_type(wildcards):

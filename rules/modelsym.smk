@@ -21,6 +21,7 @@ for study, zoo, chunk, seeds in ZOO_CHUNKS:
             hparams=zoo_study.zoo_hparams(PLAN.study(study), zoo),
             seeds=seeds,
             code=zoo_code(study, zoo),
+            summary_code=zoo_summary_code(study, zoo),
             device=DEVICE,
             data_dir=config.get("data_dir", "data"),
         threads: PLAN.study(study).get("resources", {}).get("threads", max(THREADS, 2))

@@ -19,6 +19,7 @@ rule train:
     params:
         hparams=train_params,
         code=train_code,
+        summary_code=train_summary_code,
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
@@ -59,6 +60,7 @@ for study, index, chunk in TRAIN_CHUNKS:
             roots=[run_dir(study, r.name) for r in chunk],
             hparams=[r.nondefault for r in chunk],
             code=chunk_code(study, chunk),
+            summary_codes=chunk_summary_codes(chunk),
             device=DEVICE,
             data_dir=config.get("data_dir", "data"),
         threads: PLAN.study(study).get("resources", {}).get("threads", THREADS)

@@ -97,21 +97,29 @@ train_run(sys.argv[1], json.load(open(sys.argv[2])), threads=1, progress=False)
 """
 
 
-def test_a_training_job_imports_neither_scikit_learn_nor_matplotlib(tmp_path):
-    """A training job's fixed cost: the digits come from scikit-learn's file, not its import."""
-    hp_file = tmp_path / "hp.json"
-    hp_file.write_text(json.dumps(hparams(epochs=1)))
+def test_a_training_job_imports_no_module_it_does_not_need(tmp_path):
+    """A training job's fixed cost: the digits come from scikit-learn's file, not its import; the
+    optimizers (SGD, then Adam in the same process) do not import ``torch._dynamo``, the history
+    is written without pandas, the neuron structure's shapes without sympy."""
+    heavy = ("sklearn", "matplotlib", "pandas", "sympy", "torch._dynamo")
+    for name, optimizer in (("sgd", "sgd"), ("adam", "adam")):
+        (tmp_path / f"{name}.json").write_text(json.dumps(hparams(epochs=1, optimizer=optimizer)))
     probe = (
-        RUNNER + "print(sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib'}))"
+        "import json, sys\n"
+        "from pipeline.train.loop import train_run\n"
+        "for name in ('sgd', 'adam'):\n"
+        "    hp = json.load(open(f'{sys.argv[1]}/{name}.json'))\n"
+        "    train_run(f'{sys.argv[1]}/{name}', hp, threads=1, progress=False)\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", probe, str(tmp_path / "run"), str(hp_file)],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
-    assert (tmp_path / "run" / "final.pt").is_file()
+    assert (tmp_path / "sgd" / "final.pt").is_file() and (tmp_path / "adam" / "final.pt").is_file()
+    history = pd.read_parquet(tmp_path / "adam" / "history.parquet")
+    assert isinstance(history.split.dtype, pd.CategoricalDtype)
+    assert list(history.split.cat.categories) == ["train", "val", "test"]
 
 
 def _start(run_dir, hp_file):

@@ -58,13 +58,14 @@ class CodeError(LookupError):
 
 class Untracked:
     """A rule param Snakemake passes to the job but neither records nor compares (it is not a
-    builtin type): the code fingerprint of training that does not re-run on code changes."""
+    builtin type): the code fingerprint of training that does not re-run on code changes, or the
+    fingerprints (a tuple) a training job records in its runs' summaries."""
 
-    def __init__(self, value: str):
+    def __init__(self, value: str | tuple[str, ...]):
         self.value = value
 
     def __str__(self) -> str:
-        return self.value
+        return str(self.value)
 
     def __repr__(self) -> str:
         return f"Untracked({self.value!r})"

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import hashlib
 import importlib
+import os
+import pickle
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
+#: This module's own bytes: cached registrations (see :func:`_registrations`) of another version
+#: are not used.
+_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,56 @@ def forget(modules=None) -> None:
     sources changed under this process."""
     if modules is None:
         _PARSED.clear()
+        _REGISTERED.clear()
     for module in modules or ():
         _PARSED.pop(module, None)
+        _REGISTERED.pop(module, None)
     _scan.cache_clear()
+
+
+_REGISTERED: dict[str, list] = {}
+
+
+def _registrations(module: str) -> list[tuple]:
+    """``(decorator, name, function node's fields)`` of every top-level function of ``module``
+    decorated as ``@decorator(name, ...)`` (the fields: function name, positional and keyword-only
+    parameters, defaults, docstring, the decorator's keywords), through a cache in the module's
+    ``__pycache__`` keyed by its bytes: a job reads its registries without parsing every module
+    of the package (about 0.5 s)."""
+    if module in _REGISTERED:
+        return _REGISTERED[module]
+    path = _module_path(module)
+    data = path.read_bytes()
+    key = f"{_VERSION}:{hashlib.sha256(data).hexdigest()}"
+    cached = path.parent / "__pycache__" / f"{path.stem}.{sys.implementation.cache_tag}.reg.pickle"
+    try:
+        stored = pickle.loads(cached.read_bytes())
+        if stored["key"] == key and stored["module"] == module:
+            _REGISTERED[module] = stored["registrations"]
+            return stored["registrations"]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+        pass
+    found = []
+    for node in _parse(module).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for dec in node.decorator_list:
+            if (
+                isinstance(dec, ast.Call)
+                and isinstance(dec.func, ast.Name)
+                and dec.args
+                and isinstance(dec.args[0], ast.Constant)
+            ):
+                found.append((dec.func.id, dec.args[0].value, _fields(node, dec.keywords)))
+    _REGISTERED[module] = found
+    try:
+        cached.parent.mkdir(exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps({"key": key, "module": module, "registrations": found}))
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only checkout: parse again next time
+    return found
 
 
 def _modules_in(package: str) -> list[str]:
@@ -124,28 +178,22 @@ def _scan(decorator: str, packages: tuple[str, ...], skip: int) -> dict[str, Ent
     found: dict[str, Entry] = {}
     for package in packages:
         for module in _modules_in(package):
-            for node in _parse(module).body:
-                if not isinstance(node, ast.FunctionDef):
+            for used, name, fields in _registrations(module):
+                if used != decorator:
                     continue
-                for dec in node.decorator_list:
-                    if (
-                        isinstance(dec, ast.Call)
-                        and isinstance(dec.func, ast.Name)
-                        and dec.func.id == decorator
-                        and dec.args
-                        and isinstance(dec.args[0], ast.Constant)
-                    ):
-                        name = dec.args[0].value
-                        if name in found:
-                            raise ValueError(f"{decorator}({name!r}) appears twice")
-                        found[name] = _entry(name, module, node, skip, dec.keywords)
+                if name in found:
+                    raise ValueError(f"{decorator}({name!r}) appears twice")
+                function, positional, kwonly, defaults, doc, meta = fields
+                params = tuple(positional[skip:] + kwonly)
+                found[name] = Entry(name, module, function, params, dict(defaults), doc, dict(meta))
     return found
 
 
-def _entry(name: str, module: str, fn: ast.FunctionDef, skip: int, keywords) -> Entry:
+def _fields(fn: ast.FunctionDef, keywords) -> tuple:
+    """A registered function's name, positional and keyword-only parameter names, literal
+    defaults, docstring, and its decorator's literal keywords."""
     args = fn.args
     positional = [a.arg for a in args.posonlyargs + args.args]
-    kw = positional[skip:] + [a.arg for a in args.kwonlyargs]
     defaults: dict = {}
     pos_defaults = args.defaults
     for arg, default in zip(
@@ -156,7 +204,8 @@ def _entry(name: str, module: str, fn: ast.FunctionDef, skip: int, keywords) -> 
         if default is not None:
             defaults[arg.arg] = _literal(default)
     meta = {k.arg: _literal(k.value) for k in keywords if k.arg}
-    return Entry(name, module, fn.name, tuple(kw), defaults, ast.get_docstring(fn) or "", meta)
+    kwonly = [a.arg for a in args.kwonlyargs]
+    return fn.name, positional, kwonly, defaults, ast.get_docstring(fn) or "", meta
 
 
 def _literal(node):

@@ -11,6 +11,7 @@ run_step(
     train,
     Path(snakemake.output.final).parent,
     resolve_hparams(snakemake.params.hparams),
+    code=snakemake.params.summary_code.value,
     device=snakemake.params.device,
     data_dir=snakemake.params.data_dir,
     threads=snakemake.threads,

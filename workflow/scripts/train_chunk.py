@@ -9,6 +9,7 @@ run_step(
     train_many,
     snakemake.params.roots,
     [resolve_hparams(h) for h in snakemake.params.hparams],
+    codes=list(snakemake.params.summary_codes.value),
     device=snakemake.params.device,
     data_dir=snakemake.params.data_dir,
     threads=snakemake.threads,

@@ -11,6 +11,7 @@ run_step(
     Path(snakemake.output.summary).parent,
     snakemake.params.hparams,
     snakemake.params.seeds,
+    code=snakemake.params.summary_code.value,
     device=snakemake.params.device,
     data_dir=snakemake.params.data_dir,
     threads=snakemake.threads,

@@ -21,7 +21,7 @@ from pipeline import seeding
 from pipeline.masks.batched import model_weights, stacked_outputs
 from pipeline.masks.sampling import init_logits, sample_masked_all
 from pipeline.masks.views import View
-from pipeline.train.optim import multi_head_ce
+from pipeline.train.optim import Adam, multi_head_ce
 
 
 def _h(text: str, **kw):
@@ -121,7 +121,7 @@ def train_mask(
             for n in trained:
                 logits[n].copy_(init[n])
     base = {n: (w * fixed[n].to(w.dtype) if n in fixed else w) for n, w in weights.items()}
-    opt = torch.optim.Adam(list(logits.values()), lr=h.lr)
+    opt = Adam(list(logits.values()), lr=h.lr)
     noise = seeding.generator(seed, "mask-noise", device=next(iter(weights.values())).device)
     history = []
     batches = view.batches(h.batch_size, seed)

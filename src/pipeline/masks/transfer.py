@@ -34,6 +34,7 @@ from pipeline.masks.overlap import transfer_sharing
 from pipeline.masks.sampling import binary
 from pipeline.masks.train import MaskHparams, mask_step
 from pipeline.masks.views import subtask_view
+from pipeline.train.optim import Adam
 
 
 def permuted_transfer(
@@ -120,7 +121,7 @@ def _train_permutation(
         for n, u in used.items()
     }
     params = [w for w in trainable.values() if w.requires_grad] + list(logits.values())
-    opt = torch.optim.Adam(params, lr=h.lr)
+    opt = Adam(params, lr=h.lr)
     noise = seeding.generator(seed, "mask-noise", device=next(iter(weights.values())).device)
     batches = view.batches(h.batch_size, seed)
 

@@ -385,7 +385,6 @@ def derive(model, input_shape: tuple[int, ...]) -> NeuronStructure:
     """Read the neuron structure of ``model`` (inputs of shape ``input_shape``) from an fx trace."""
     import torch
     from torch.fx import symbolic_trace
-    from torch.fx.passes.shape_prop import ShapeProp
 
     was_training = model.training
     model.eval()
@@ -393,7 +392,7 @@ def derive(model, input_shape: tuple[int, ...]) -> NeuronStructure:
         gm = symbolic_trace(model)
         param = next(model.parameters())
         example = torch.zeros((2, *input_shape), dtype=param.dtype, device=param.device)
-        ShapeProp(gm).propagate(example)
+        record_shapes(gm, example)
     finally:
         model.train(was_training)
     trace = _Trace(dict(gm.named_modules()), input_shape)
@@ -402,9 +401,25 @@ def derive(model, input_shape: tuple[int, ...]) -> NeuronStructure:
     return _assemble(trace)
 
 
+def record_shapes(gm, example) -> None:
+    """Run ``gm`` on ``example`` and record each node's output shape, where it is a tensor, as
+    ``node.meta["shape"]`` (a tuple): fx's ``ShapeProp`` without its per-node import of
+    ``torch.fx.experimental.symbolic_shapes`` (sympy: about 1.5 s, once per process)."""
+    import torch
+
+    class Shapes(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if isinstance(out, torch.Tensor):
+                node.meta["shape"] = tuple(out.shape)
+            return out
+
+    with torch.no_grad():
+        Shapes(gm).run(example)
+
+
 def _shape(node) -> tuple | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return node.meta.get("shape")
 
 
 class _Trace:

@@ -30,7 +30,7 @@ from torch.fx import GraphModule
 from pipeline import seeding
 from pipeline.alignment.matching import evaluate_model
 from pipeline.stitching.layers import apply_channels
-from pipeline.train.optim import multi_head_ce
+from pipeline.train.optim import SGD, Adam, multi_head_ce
 from pipeline.zoo.layers import LayerError, trace
 
 GROUPS = ("grelu", "orthogonal", "identity")
@@ -125,9 +125,9 @@ def retrain_above(
     """Retrain the unfrozen parameters; the validation-best state's val/test metrics."""
     params = [p for p in gm.parameters() if p.requires_grad]
     if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        opt = Adam(params, lr=lr, weight_decay=wd)
     elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+        opt = SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     else:
         raise ValueError(f"rotation optimizer {optimizer!r} not allowed; allowed: adam, sgd")
     val_loss, val_acc = evaluate_model(gm, data.val, eval_batch_size)

@@ -34,7 +34,7 @@ from pipeline.stitching.model import (
     reestimate_stitched,
     set_training,
 )
-from pipeline.train.optim import multi_head_ce
+from pipeline.train.optim import SGD, Adam, multi_head_ce
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ class StitchSettings:
 
 def _optimizer(groups, s: StitchSettings):
     if s.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
+        return SGD(groups, lr=s.lr, momentum=s.momentum)
     if s.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=s.lr)
+        return Adam(groups, lr=s.lr)
     raise ValueError(f"stitching optimizer: {s.optimizer!r} not allowed; allowed: sgd, adam")
 
 

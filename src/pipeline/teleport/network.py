@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.models import neuron_structure
-from pipeline.models.structure import NeuronStructure
+from pipeline.models.structure import NeuronStructure, record_shapes
 from pipeline.teleport.cob import (
     ChangeOfBasis,
     branch_factors,
@@ -64,7 +64,6 @@ def materialise(model: nn.Module, input_shape) -> torch.fx.GraphModule:
     """A module computing ``model``'s function, sharing its parameters and buffers, that
     :func:`teleport_` can teleport (any CoB). It starts at the identity CoB."""
     from torch.fx import symbolic_trace
-    from torch.fx.passes.shape_prop import ShapeProp
 
     structure = neuron_structure(model, input_shape)
     gm = symbolic_trace(model)
@@ -73,14 +72,14 @@ def materialise(model: nn.Module, input_shape) -> torch.fx.GraphModule:
     model.eval()
     try:
         example = torch.zeros((2, *input_shape), dtype=param.dtype, device=param.device)
-        ShapeProp(gm).propagate(example)
+        record_shapes(gm, example)
     finally:
         model.train(was)
     shapes = {}
     for node in gm.graph.nodes:
         args = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        if args and "tensor_meta" in args[0].meta and hasattr(args[0].meta["tensor_meta"], "shape"):
-            shapes[node.name] = tuple(args[0].meta["tensor_meta"].shape)
+        if args and "shape" in args[0].meta:
+            shapes[node.name] = args[0].meta["shape"]
     gm._teleport = _Teleport(structure, gm.graph, shapes, identity(structure))
     gm.graph = _copy(gm.graph)[0]  # (the setter recompiles)
     gm.train(was)

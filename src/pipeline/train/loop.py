@@ -432,29 +432,27 @@ def _load_segments(paths: RunPaths) -> tuple[dict[str, np.ndarray], list[dict]]:
 
 
 def _finish(paths, model, trace, status, step, epoch, elapsed, steps_run) -> dict:
-    import pandas as pd
-
     seg, manifest = _load_segments(paths)
     manifest = [e for e in manifest if (paths.root / e["file"]).is_file()]  # keep_last
-    history = pd.DataFrame(
-        {
-            "step": seg["h_step"],
-            "epoch": seg["h_epoch"],
-            "split": pd.Categorical.from_codes(seg["h_split"], SPLITS),
-            "loss": seg["h_loss"],
-            "accuracy": seg["h_accuracy"],
-            "lr": seg["h_lr"],
-        }
-    )
-    io.write_parquet(paths.history, history)
+    history = {
+        "step": seg["h_step"],
+        "epoch": seg["h_epoch"],
+        "split": seg["h_split"],
+        "loss": seg["h_loss"],
+        "accuracy": seg["h_accuracy"],
+        "lr": seg["h_lr"],
+    }
+    # pandas reads ``split`` back as a categorical of SPLITS (writing it takes no pandas import)
+    io.write_columns(paths.history, history, categories={"split": SPLITS})
     if trace is not None:
         _write_trace(paths.trace, trace, seg)
     io.write_json(paths.manifest, manifest)
     io.save_torch(paths.final, {"model": model.state_dict()})
-    evals = history[history.split != "train"]
+    evals = np.flatnonzero(history["split"] != SPLITS.index("train"))
+    last = evals[history["step"][evals] == history["step"][evals].max()] if len(evals) else []
     final = {
-        f"{r.split}_{m}": float(getattr(r, m))
-        for r in evals[evals.step == evals.step.max()].itertuples()
+        f"{SPLITS[history['split'][i]]}_{m}": float(history[m][i])
+        for i in last
         for m in ("loss", "accuracy")
     }
     summary = {

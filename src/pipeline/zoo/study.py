@@ -73,13 +73,19 @@ def pairs(study: dict, zoo: str) -> list[tuple[int, int]]:
 
 
 def train_members(
-    out_dir, nondefault: dict, seeds: list[int], device="cpu", data_dir="data", threads: int = 1
+    out_dir,
+    nondefault: dict,
+    seeds: list[int],
+    device="cpu",
+    data_dir="data",
+    threads: int = 1,
+    code: str | None = None,
 ) -> dict:
     """One vectorised job: a member file per seed (see :func:`pipeline.zoo.train.train_zoo`);
     ``nondefault``: :func:`zoo_hparams`. ``summary.json`` records the code fingerprint
-    (:data:`ZOO_CODE`, as for runs: :mod:`pipeline.runs`)."""
+    (:data:`ZOO_CODE`, as for runs: :mod:`pipeline.runs`): ``code``, or computed here if not
+    given."""
     from pipeline.config import resolve_hparams
-    from pipeline.fingerprint import code_fingerprint
     from pipeline.zoo.train import train_zoo
 
     summary = train_zoo(
@@ -90,7 +96,11 @@ def train_members(
         data_dir=data_dir,
         threads=threads,
     )
-    summary["code"] = code_fingerprint(ZOO_CODE, nondefault)
+    if code is None:
+        from pipeline.fingerprint import code_fingerprint
+
+        code = code_fingerprint(ZOO_CODE, nondefault)
+    summary["code"] = str(code)
     io.write_json(Path(out_dir) / "summary.json", summary)
     return summary
 

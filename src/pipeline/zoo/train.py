@@ -333,8 +333,6 @@ def train_zoo(
 def _finish(
     out_dir, zoo, best, hparams, seeds, data, best_epoch, best_metrics, rows, per_epoch, h, seconds
 ) -> dict:
-    import pandas as pd
-
     info = {
         "input_shape": list(data.input_shape),
         "num_classes": data.num_outputs,
@@ -354,17 +352,16 @@ def _finish(
         )
         members[str(s)] = {"epoch": e, **best_metrics[k]}
     arr = np.array(rows, dtype=float).reshape(-1, 6)
-    history = pd.DataFrame(
-        {
-            "seed": np.asarray(seeds)[arr[:, 0].astype(int)],
-            "epoch": arr[:, 1].astype(np.int64),
-            "split": pd.Categorical.from_codes(arr[:, 2].astype(int), SPLITS),
-            "loss": arr[:, 3],
-            "accuracy": arr[:, 4],
-            "lr": arr[:, 5],
-        }
-    )
-    io.write_parquet(Path(out_dir) / "history.parquet", history)
+    history = {
+        "seed": np.asarray(seeds)[arr[:, 0].astype(int)],
+        "epoch": arr[:, 1].astype(np.int64),
+        "split": arr[:, 2].astype(np.int64),
+        "loss": arr[:, 3],
+        "accuracy": arr[:, 4],
+        "lr": arr[:, 5],
+    }
+    # pandas reads ``split`` back as a categorical of SPLITS (writing it takes no pandas import)
+    io.write_columns(Path(out_dir) / "history.parquet", history, categories={"split": SPLITS})
     steps = per_epoch * h.epochs
     summary = {
         "seeds": seeds,
