@@ -28,7 +28,10 @@ from __future__ import annotations
 import torch
 
 from pipeline.models.reductions import Part, per_neuron
+from pipeline.models.structure import Slice
 
+#: The column sums of the logit layer's weight ``[C, D]`` as per-neuron sums over its columns.
+_COLUMNS = Slice("", axis=1)
 #: Entries below which a torch reduction on the CPU runs on one thread (at::internal::GRAIN_SIZE).
 _GRAIN = 32768
 
@@ -76,23 +79,46 @@ def _layout(like: torch.Tensor, sl, size: int) -> str:
 
 class PartSumsq:
     """``part_sumsq`` of every part of ``parts``, concatenated (``[sum of part sizes]``), for
-    tensors shaped like ``like`` (name -> tensor, in the order the tensors are passed)."""
+    tensors shaped like ``like`` (name -> tensor, passed in this order); with ``columns``
+    (the logit layer's weight and bias names, the bias may be ``None``) the
+    :func:`~pipeline.models.reductions.column_sums` of those tensors follow (``[D (+1)]``).
 
-    def __init__(self, parts: list[Part], like: dict[str, torch.Tensor]):
-        self.names = list(like)
-        self.shapes = [tuple(t.shape) for t in like.values()]
+    Everything lives in one buffer, allocated once: the flattened tensors ``[N]``, their squares
+    ``[N]``, the entries each class gathers, the classes' sums, and a zero. A call writes the
+    buffer in place and returns a new tensor.
+    """
+
+    def __init__(
+        self,
+        parts: list[Part],
+        like: dict[str, torch.Tensor],
+        columns: tuple[str, str | None] | None = None,
+    ):
+        tensors = list(like.values())
+        self.shapes = [tuple(t.shape) for t in tensors]
         self.size = sum(p.size for p in parts)
-        self.numel = sum(t.numel() for t in like.values())
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"PartSumsq: parameters of one dtype expected, got {sorted(map(str, dtypes))}"
+            )
+        dtype = tensors[0].dtype if tensors else torch.float64
+        device = tensors[0].device if tensors else torch.device("cpu")
+        numel = sum(t.numel() for t in tensors)
         offsets, at = {}, 0
         for n, t in like.items():
             offsets[n] = at
             at += t.numel()
-        device = next(iter(like.values())).device if like else torch.device("cpu")
-        dtype = next(iter(like.values())).dtype if like else torch.float64
-        # slices by class: (kind, L) -> [(slot in the sums buffer, positions [size, L])]
+        # output blocks (a part, or the column sums): per block its size and, per summand, a
+        # slice reference: (class key, index in the class) or ("fallback", index)
         classes: dict[tuple, list[torch.Tensor]] = {}
         fallback: list[tuple] = []
-        where: list[list[tuple]] = []  # per part: per slice, (class key, index) or fallback
+        blocks: list[tuple[int, list]] = []
+
+        def add(key, pos):
+            classes.setdefault(key, []).append(pos)
+            return (key, len(classes[key]) - 1)
+
         for part in parts:
             refs = []
             for sl in part.slices:
@@ -100,86 +126,123 @@ class PartSumsq:
                 kind = _layout(t, sl, part.size)
                 if kind == "fallback":
                     refs.append(("fallback", len(fallback)))
-                    fallback.append((self.names.index(sl.param), sl, part.size))
+                    fallback.append((list(like).index(sl.param), sl, part.size))
                     continue
-                pos = _positions(t.shape, offsets[sl.param], sl, part.size)
+                pos = numel + _positions(t.shape, offsets[sl.param], sl, part.size)  # squares
                 # an outer sum's order depends on its number of neurons: batch only equal ones
                 key = (kind, pos.shape[1]) + ((part.size,) if kind == "outer" else ())
-                refs.append((key, len(classes.setdefault(key, []))))
-                classes[key].append(pos)
-            where.append(refs)
-        # the sums buffer: every class's rows, then the fallback slices, then one zero
-        self.steps, start, first = [], 0, {}
-        for key, blocks in classes.items():
-            kind, length = key[:2]
-            first[key] = []
-            for pos in blocks:
-                first[key].append(start)
-                start += pos.shape[0]
-            count = start - first[key][0]
-            if kind == "outer":  # [S, L, size]: each slice's neurons contiguous, as in per_neuron
-                index, shape, dim = torch.stack([pos.t() for pos in blocks]), None, 1
-                shape = tuple(index.shape)
-            elif kind == "inner":  # [R, L]
-                index, dim = torch.cat(blocks, 0), 1
-                shape = tuple(index.shape)
+                refs.append(add(key, pos))
+            blocks.append((part.size, refs))
+        self.columns = columns is not None
+        if columns is not None:  # weight.sum(0): an outer sum; bias.sum(0): one row
+            w, b = columns
+            classes_of_d = like[w].shape[1]
+            pos = _positions(like[w].shape, offsets[w], _COLUMNS, classes_of_d)
+            blocks.append((classes_of_d, [add(("outer", pos.shape[1], classes_of_d), pos)]))
+            if b is not None:
+                pos = torch.arange(offsets[b], offsets[b] + like[b].numel()).view(1, -1)
+                blocks.append((1, [add(("inner", pos.shape[1]), pos)]))
+        # the buffer: [flat | squares | gathered entries | sums | fallback sums | zero]
+        gathered = sum(pos.numel() for pos in sum(classes.values(), []))
+        sums = sum(pos.shape[0] for k, v in classes.items() if k[0] != "single" for pos in v)
+        sums += sum(size for _, _, size in fallback)
+        self.buffer = torch.zeros(2 * numel + gathered + sums + 1, dtype=dtype, device=device)
+        self.flat = self.buffer[:numel]
+        self.squares = self.buffer[numel : 2 * numel]
+        self.source = self.buffer[: 2 * numel]
+        self.gathered = self.buffer[2 * numel : 2 * numel + gathered]
+        zero = self.buffer.numel() - 1
+        where: dict[tuple, list[int]] = {}  # class key -> buffer position of each slice's sums
+        index, self.steps = [], []
+        g_at, s_at = 2 * numel, 2 * numel + gathered
+        for key, slices in classes.items():
+            kind = key[0]
+            if kind == "outer":  # [S, L, size]: each slice's neurons contiguous, as per_neuron
+                entries = torch.stack([pos.t() for pos in slices])
+            else:  # [R, L]
+                entries = torch.cat(slices, 0)
+            index.append(entries.reshape(-1))
+            count = entries.numel()
+            if kind == "single":  # one entry per neuron: its square is its sum
+                firsts, at = [], g_at
             else:
-                index, shape, dim = torch.cat(blocks, 0), None, None
-            self.steps.append((shape, dim, start - count, count, index.reshape(-1).to(device)))
+                rows = self.buffer[g_at : g_at + count].view(entries.shape)
+                out_shape = entries.shape[:1] + entries.shape[2:]
+                outputs = out_shape.numel()
+                out = self.buffer[s_at : s_at + outputs].view(out_shape)
+                self.steps.append((rows, 1, out))
+                firsts, at = [], s_at
+                s_at += outputs
+            for pos in slices:
+                firsts.append(at)
+                at += pos.shape[0]
+            where[key] = firsts
+            g_at += count
+        self.index = (
+            torch.cat(index).to(device) if index else torch.zeros(0, dtype=torch.long)
+        ).to(device)
         self.fallback = []
         for i, sl, size in fallback:
-            self.fallback.append((i, sl, size, start))
-            start += size
-        zero = start
-        self.sums = torch.zeros(start + 1, dtype=dtype, device=device)
-        # per part column: where each of its slices' sums sits (the zero slot past its slices)
-        depth = max((len(r) for r in where), default=0)
+            self.fallback.append((i, sl, size, s_at))
+            s_at += size
+        depth = max((len(refs) for _, refs in blocks), default=0)
         gather = [[] for _ in range(depth)]
-        for part, refs in zip(parts, where, strict=True):
+        for size, refs in blocks:
             for k in range(depth):
-                if k < len(refs):
-                    key, j = refs[k]
-                    base = self.fallback[j][3] if key == "fallback" else first[key][j]
-                    gather[k].extend(range(base, base + part.size))
-                else:
-                    gather[k].extend([zero] * part.size)
+                if k >= len(refs):
+                    gather[k].extend([zero] * size)
+                    continue
+                key, j = refs[k]
+                base = self.fallback[j][3] if key == "fallback" else where[key][j]
+                gather[k].extend(range(base, base + size))
         self.gather = [torch.tensor(g, dtype=torch.long, device=device) for g in gather]
+        self._loaded: list[torch.Tensor] = []
+        self._views: list[torch.Tensor] = []
 
-    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The tensors (in the order of ``like``) as one vector ``[N]``."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+    def load(self, tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flatten ``tensors`` (in the order of ``like``) into ``out`` (default: the buffer's
+        ``flat``, ``[N]``) and return it. The views of tensors passed again (parameters,
+        momentum buffers) are reused."""
+        out = self.flat if out is None else out
+        if len(tensors) != len(self._loaded) or any(
+            a is not b for a, b in zip(tensors, self._loaded, strict=True)
+        ):
+            contiguous = all(t.is_contiguous() for t in tensors)
+            self._views = [t.reshape(-1) for t in tensors]
+            self._loaded = list(tensors) if contiguous else []
+        if self._views:
+            torch.cat(self._views, out=out)
+        return out
 
-    def __call__(self, flat: torch.Tensor, tensors: list[torch.Tensor] | None = None):
-        """The parts' sums of squares of ``flat`` (``[N]``); ``tensors``: the unflattened
-        tensors, needed only by fallback slices (views of ``flat`` otherwise)."""
+    def forget(self) -> None:
+        """Drop the references to the tensors last loaded (e.g. gradients about to be freed)."""
+        self._loaded, self._views = [], []
+
+    def __call__(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The parts' sums of squares (then the column sums) of ``tensors``, or of what
+        ``flat`` holds; ``tensors`` are needed by fallback slices."""
+        if tensors is not None:
+            self.load(tensors)
         if not self.gather:
-            return flat.new_zeros(self.size)
-        sq = flat * flat
-        if self.sums.dtype != flat.dtype:
-            self.sums = flat.new_zeros(self.sums.shape)
-        sums = self.sums
-        for shape, dim, at, count, index in self.steps:
-            out = sums[at : at + count]
-            if dim is None:  # one entry per neuron: its square
-                torch.index_select(sq, 0, index, out=out)
-            else:
-                rows = sq.index_select(0, index).view(shape)
-                torch.sum(rows, dim, out=out.view(shape[:dim] + shape[dim + 1 :]))
+            return self.buffer.new_zeros(self.size)
+        torch.mul(self.flat, self.flat, out=self.squares)
+        torch.index_select(self.source, 0, self.index, out=self.gathered)
+        for rows, dim, out in self.steps:
+            torch.sum(rows, dim, out=out)
         if self.fallback:
-            if tensors is None:
-                tensors = self._unflatten(flat)
+            views = tensors if tensors is not None else self._unflatten()
             for i, sl, size, at in self.fallback:
-                sums[at : at + size] = per_neuron(tensors[i], sl, size)
-        total = sums.index_select(0, self.gather[0])
+                self.buffer[at : at + size] = per_neuron(views[i], sl, size)
+        total = self.buffer.index_select(0, self.gather[0])
         for g in self.gather[1:]:
-            total.add_(sums.index_select(0, g))
+            total.add_(self.buffer.index_select(0, g))
         return total
 
-    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+    def _unflatten(self) -> list[torch.Tensor]:
         """Views of ``flat`` shaped like the planned tensors (contiguous)."""
         out, at = [], 0
         for shape in self.shapes:
             n = _numel(shape)
-            out.append(flat[at : at + n].view(shape))
+            out.append(self.flat[at : at + n].view(shape))
             at += n
         return out

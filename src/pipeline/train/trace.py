@@ -40,12 +40,19 @@ class MechanicsTrace:
             if h.optimizer == "sgd" and h.momentum > 0
             else ("sgd" if h.optimizer == "sgd" else "delta")
         )
-        self.plan = PartSumsq(self.parts, self.named)
-        names = list(self.named)
-        if self.output is not None:
-            self._weight = names.index(self.output.weight)
-            self._bias = names.index(self.output.bias) if self.output.bias else None
+        out = structure.output
+        # the column sums ride along with the gradient's reduction (contiguous weights only)
+        columns = (
+            (out.weight, out.bias or None)
+            if out is not None
+            and all(self.named[n].is_contiguous() for n in (out.weight, out.bias) if n)
+            else None
+        )
+        self._separate = out is not None and columns is None
+        self.plan_g = PartSumsq(self.parts, self.named, columns)  # g2 (and colsum)
+        self.plan_u = PartSumsq(self.parts, self.named)  # u2
         # weight decay of the sgd update g + wd theta: per entry 1 (decayed) or 0 (not)
+        names = list(self.named)
         self.wd = h.wd
         decay = [decayed(n, h.wd_on) for n in names]
         self._decay = (
@@ -59,8 +66,8 @@ class MechanicsTrace:
             )
         )
         self._zeros: dict[int, torch.Tensor] = {}
-        self.rows: dict[str, list] = {"g2": [], "u2": [], "colsum": []}
-        self._before: torch.Tensor | None = None
+        self.rows: dict[str, list] = {"g": [], "u2": [], "colsum": []}
+        self._before = torch.empty_like(self.plan_u.flat) if self.kind == "delta" else None
 
     def layout(self) -> list[dict]:
         """Column layout of ``g2``/``u2``: one entry per part with its offset."""
@@ -79,18 +86,21 @@ class MechanicsTrace:
     @torch.no_grad()
     def before_step(self) -> None:
         grads = [p.grad if p.grad is not None else self._zero(i) for i, p in enumerate(self.params)]
-        flat = self.plan.flatten(grads)
-        self.rows["g2"].append(self.plan(flat, grads))
-        if self.output is not None:
-            b = grads[self._bias] if self._bias is not None else None
-            self.rows["colsum"].append(column_sums(grads[self._weight], b))
-        if self.kind == "sgd":
-            theta = self.plan.flatten(self.params)
+        self.rows["g"].append(self.plan_g(grads))  # [g2 | colsum]
+        self.plan_g.forget()
+        if self._separate:
+            w, b = self.output.weight, self.output.bias
+            self.rows["colsum"].append(
+                column_sums(self.named[w].grad, self.named[b].grad if b else None)
+            )
+        if self.kind == "sgd":  # u = g + wd theta (wd 0 where not decayed)
+            u = self.plan_u.load(self.params)
             if self._decay is not None:
-                theta = theta * self._decay
-            self.rows["u2"].append(self.plan(flat + self.wd * theta))
+                u.mul_(self._decay)
+            u.mul_(self.wd).add_(self.plan_g.flat)
+            self.rows["u2"].append(self.plan_u())
         elif self.kind == "delta":
-            self._before = self.plan.flatten(self.params)
+            self.plan_u.load(self.params, out=self._before)
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
@@ -100,16 +110,23 @@ class MechanicsTrace:
                 state[p]["momentum_buffer"] if "momentum_buffer" in state[p] else self._zero(i)
                 for i, p in enumerate(self.params)
             ]
-            self.rows["u2"].append(self.plan(self.plan.flatten(vel), vel))
-        elif self.kind == "delta":
-            self.rows["u2"].append(self.plan((self._before - self.plan.flatten(self.params)) / lr))
-            self._before = None
+            self.rows["u2"].append(self.plan_u(vel))
+        elif self.kind == "delta":  # u = (theta_k - theta_{k+1}) / lr
+            u = self.plan_u.load(self.params)
+            torch.sub(self._before, u, out=u).div_(lr)
+            self.rows["u2"].append(self.plan_u())
 
     def flush(self) -> dict[str, np.ndarray]:
         """The rows since the last flush, as host arrays ``[steps, columns]``."""
         out = {}
-        for key, rows in self.rows.items():
-            if rows:
-                out[key] = torch.stack(rows).cpu().numpy()
+        if self.rows["g"]:
+            g = torch.stack(self.rows["g"]).cpu().numpy()
+            out["g2"] = np.ascontiguousarray(g[:, : self.plan_g.size])
+        for key in ("u2", "colsum"):
+            if self.rows[key]:
+                out[key] = torch.stack(self.rows[key]).cpu().numpy()
+        if self.rows["g"] and self.plan_g.columns:
+            out["colsum"] = np.ascontiguousarray(g[:, self.plan_g.size :])
+        for rows in self.rows.values():
             rows.clear()
         return out
