@@ -195,7 +195,13 @@ class PartSumsq:
                 key, j = refs[k]
                 base = self.fallback[j][3] if key == "fallback" else where[key][j]
                 gather[k].extend(range(base, base + size))
-        self.gather = [torch.tensor(g, dtype=torch.long, device=device) for g in gather]
+        # up to three summands: one gather [depth, columns] and a sum over the first axis, which
+        # adds them in order (an outer sum of fewer than 4 rows is sequential); more: one by one
+        self.depth = depth
+        if 1 < depth <= 3:
+            self.gather = [torch.tensor(sum(gather, []), dtype=torch.long, device=device)]
+        else:
+            self.gather = [torch.tensor(g, dtype=torch.long, device=device) for g in gather]
         self._loaded: list[torch.Tensor] = []
         self._views: list[torch.Tensor] = []
 
@@ -233,6 +239,8 @@ class PartSumsq:
             views = tensors if tensors is not None else self._unflatten()
             for i, sl, size, at in self.fallback:
                 self.buffer[at : at + size] = per_neuron(views[i], sl, size)
+        if 1 < self.depth <= 3:
+            return self.buffer.index_select(0, self.gather[0]).view(self.depth, -1).sum(0)
         total = self.buffer.index_select(0, self.gather[0])
         for g in self.gather[1:]:
             total.add_(self.buffer.index_select(0, g))
