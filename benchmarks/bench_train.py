@@ -10,7 +10,8 @@ buffered SGD instead of torch's, which after every update adds ``scale(t) * d_p*
 per-parameter integral buffers (spec A2): ``mom`` (two buffers, what a momentum run needs) and
 all three (``sgd`` + ``mom``). One row per update kind the trace records: ``velocity`` (SGD with
 momentum 0.9), ``sgd`` (plain SGD), ``delta`` (Adam; the seed buffers nothing for it). Target: the
-trace costs at most the seed's buffers. Ratios are of medians of interleaved runs (CPU seconds).
+trace costs at most the seed's buffers. Ratios are of medians of runs interleaved epoch by epoch
+(CPU seconds).
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ class SeedBufferedSGD(torch.optim.Optimizer):
                         state[name] = scale * d_p**2
 
 
-def traced_loop_seconds(kind: str, variant: str, setup: dict) -> float:
-    """CPU seconds of EPOCHS epochs of the bare loop (one warm-up epoch first) for update kind
+def traced_loop_epochs(kind: str, variant: str, setup: dict):
+    """Generator of the CPU seconds of each epoch of the bare loop (EPOCHS + 1: the first is
+    a warm-up) for update kind
     ``kind``: ``bare`` (torch's optimizer), ``trace`` (with the mechanics trace) or ``seed-mom``
     / ``seed-sgd`` / ``seed-all`` (the seed's buffered SGD: its momentum buffers, its SGD buffer,
     all three)."""
@@ -186,10 +188,8 @@ def traced_loop_seconds(kind: str, variant: str, setup: dict) -> float:
         else None
     )
     x_all, y_all, b = data.train.x, data.train.y, th.batch_size
-    start = 0.0
     for epoch in range(EPOCHS + 1):
-        if epoch == 1:  # after the warm-up epoch
-            start = time.process_time()
+        start = time.process_time()
         order = torch.randperm(len(y_all), generator=seeding.generator(1, "order", epoch))
         for i in range(len(y_all) // b):
             idx = order[i * b : (i + 1) * b]
@@ -203,7 +203,7 @@ def traced_loop_seconds(kind: str, variant: str, setup: dict) -> float:
                 trace.after_step(th.lr)
         if trace is not None:
             trace.flush()
-    return time.process_time() - start
+        yield time.process_time() - start
 
 
 def trace_cost() -> None:
@@ -220,14 +220,20 @@ def trace_cost() -> None:
         "delta": ("bare", "trace"),
     }
     times = {(k, v): [] for k, vs in variants.items() for v in vs}
-    for _ in range(RUNS):  # interleaved
-        for kind, vs in variants.items():
-            for v in vs:
-                times[(kind, v)].append(traced_loop_seconds(kind, v, setup))
+    for _ in range(RUNS):  # interleaved epoch by epoch, so a busy machine slows all alike
+        loops = {key: traced_loop_epochs(*key, setup) for key in times}
+        for key in loops:
+            next(loops[key])  # warm-up epoch
+        total = dict.fromkeys(times, 0.0)
+        for _ in range(EPOCHS):
+            for key in loops:
+                total[key] += next(loops[key])
+        for key in times:
+            times[key].append(total[key])
     med = {key: statistics.median(t) for key, t in times.items()}
     print(
         f"\nmechanics trace vs the seed's buffered SGD (bare loop, {EPOCHS} epochs, medians of "
-        f"{RUNS} interleaved runs, CPU s; ratios vs the bare loop of the same optimizer)"
+        f"{RUNS} runs interleaved by epoch, CPU s; ratios vs the bare loop of the same optimizer)"
     )
     print(f"{'kind':<10}{'bare s':>9}{'+ trace':>10}{'seed needs':>12}{'seed all 3':>12}")
     for kind in variants:
