@@ -8,19 +8,24 @@ order):
 
 1. ``sq = flat * flat``;
 2. each slice ``[size, L]`` of :func:`~pipeline.models.reductions.per_neuron` (``size`` neurons,
-   ``L`` entries each) joins a *class* of slices reduced alike: ``inner`` (the slice's entries of
-   a neuron lie contiguous when ``per_neuron`` sums them: a row sum), ``outer`` (its neurons lie
-   contiguous: a column sum) or ``single`` (``L = 1``: the square itself). One ``index_select``
-   gathers a class's entries into ``[R, L]`` (``[L, R]`` for ``outer``) in ``per_neuron``'s
-   order, and one ``sum`` reduces them;
+   ``L`` entries each) joins a *class* of slices reduced alike: ``inner`` (a neuron's entries lie
+   contiguous when ``per_neuron`` sums them: row sums ``[R, L]``), ``outer`` (its neurons lie
+   contiguous: column sums ``[S, L, size]``, batched only over slices of equal ``size``, since
+   torch's column sum treats blocks of 16 columns and the rest differently) or ``single``
+   (``L = 1``: the square itself). One ``index_select`` gathers every class's entries in
+   ``per_neuron``'s order, and one ``sum`` per class reduces them;
 3. each part adds its slices' sums in the order of its slices (a part with fewer slices than
-   the most adds exact zeros).
+   the most adds exact zeros): one gather and one sum over up to three summands (fewer than four
+   rows are added in order), one add per summand beyond.
 
 Since every sum reduces the same entries, in the same order, with the same memory layout as
-``per_neuron`` does, the results equal :func:`part_sumsq`'s bit for bit on the CPU (the tests
-check it on random registered models). A slice whose layout fits no class (or a single neuron
-over so many entries that a multi-threaded sum would split its row) is reduced by
-``per_neuron`` itself.
+``per_neuron`` does, the results equal :func:`part_sumsq`'s bit for bit on one CPU thread (the
+training jobs' setting; ``tests/test_trace_plan.py`` checks it on random registered models, and
+the default's trace.h5 is byte-identical). With more threads torch may split a large sum
+differently for the batched and the per-slice shapes; on CUDA the reduction kernels' schedule
+depends on the shape, so there the numbers agree to rounding. A slice whose layout fits no class
+(or a single neuron over so many entries that a multi-threaded sum would split its row) is
+reduced by ``per_neuron`` itself.
 """
 
 from __future__ import annotations
