@@ -11,8 +11,8 @@ order):
    ``L`` entries each) joins a *class* of slices reduced alike: ``inner`` (a neuron's entries lie
    contiguous when ``per_neuron`` sums them: row sums ``[R, L]``), ``outer`` (its neurons lie
    contiguous: column sums ``[S, L, size]``, batched only over slices of equal ``size``, since
-   torch's column sum treats blocks of 16 columns and the rest differently) or ``single``
-   (``L = 1``: the square itself). One ``index_select`` gathers every class's entries in
+   torch's column sum treats blocks of four vectors of columns and the rest differently) or
+   ``single`` (``L = 1``: the square itself). One ``index_select`` gathers every class's entries in
    ``per_neuron``'s order, and one ``sum`` per class reduces them;
 3. each part adds its slices' sums in the order of its slices (a part with fewer slices than
    the most adds exact zeros): one gather and one sum over up to three summands (fewer than four
