@@ -10,6 +10,11 @@ part of the neuron structure (:func:`pipeline.models.reductions.parts`):
 
 These numbers do not depend on any metric, so editing a metric never re-runs training. Rows are
 kept on the device and moved to the host when the training loop flushes a segment.
+
+Each reduction flattens the tensors into one vector and runs a
+:class:`~pipeline.models.part_plan.PartSumsq` planned once for the model: a few batched
+operations per step instead of several per slice, with the numbers of
+:func:`~pipeline.models.reductions.part_sumsq` bit for bit.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.models.reductions import column_sums, part_sumsq, parts
+from pipeline.models.part_plan import PartSumsq
+from pipeline.models.reductions import column_sums, parts
 from pipeline.models.structure import NeuronStructure
 from pipeline.train.optim import decayed
 
@@ -27,15 +33,41 @@ class MechanicsTrace:
         self.parts = parts(structure)
         self.output = structure.output
         self.named = dict(model.named_parameters())
+        self.params = list(self.named.values())
         self.optimizer = optimizer
         self.kind = (
             "velocity"
             if h.optimizer == "sgd" and h.momentum > 0
             else ("sgd" if h.optimizer == "sgd" else "delta")
         )
-        self.wd = {n: h.wd if decayed(n, h.wd_on) else 0.0 for n in self.named}
-        self.rows: dict[str, list] = {"g2": [], "u2": [], "colsum": []}
-        self._before: dict | None = None
+        out = structure.output
+        # the column sums ride along with the gradient's reduction (contiguous weights only)
+        columns = (
+            (out.weight, out.bias or None)
+            if out is not None
+            and all(self.named[n].is_contiguous() for n in (out.weight, out.bias) if n)
+            else None
+        )
+        self._separate = out is not None and columns is None
+        self.plan_g = PartSumsq(self.parts, self.named, columns)  # g2 (and colsum)
+        self.plan_u = PartSumsq(self.parts, self.named)  # u2
+        # weight decay of the sgd update g + wd theta: per entry 1 (decayed) or 0 (not)
+        names = list(self.named)
+        self.wd = h.wd
+        decay = [decayed(n, h.wd_on) for n in names]
+        self._decay = (
+            None
+            if all(decay)
+            else torch.cat(
+                [
+                    torch.full((p.numel(),), float(d), dtype=p.dtype, device=p.device)
+                    for d, p in zip(decay, self.params, strict=True)
+                ]
+            )
+        )
+        self._zeros: dict[int, torch.Tensor] = {}
+        self.rows: dict[str, list] = {"g": [], "u2": [], "colsum": []}
+        self._before = torch.empty_like(self.plan_u.flat) if self.kind == "delta" else None
 
     def layout(self) -> list[dict]:
         """Column layout of ``g2``/``u2``: one entry per part with its offset."""
@@ -45,51 +77,56 @@ class MechanicsTrace:
             offset += p.size
         return out
 
-    def _reduce(self, tensors: dict) -> torch.Tensor:
-        if not self.parts:  # no hidden neurons (logistic regression): zero columns
-            return next(iter(tensors.values())).new_zeros(0)
-        return torch.cat([part_sumsq(tensors, p) for p in self.parts])
+    def _zero(self, i: int) -> torch.Tensor:
+        """Zeros shaped like parameter ``i`` (a missing gradient or velocity; never written)."""
+        if i not in self._zeros:
+            self._zeros[i] = torch.zeros_like(self.params[i])
+        return self._zeros[i]
 
     @torch.no_grad()
     def before_step(self) -> None:
-        grads = {
-            n: (p.grad if p.grad is not None else torch.zeros_like(p))
-            for n, p in self.named.items()
-        }
-        self.rows["g2"].append(self._reduce(grads))
-        if self.output is not None:
-            w = grads[self.output.weight]
-            b = grads[self.output.bias] if self.output.bias else None
-            self.rows["colsum"].append(column_sums(w, b))
-        if self.kind == "sgd":
-            self.rows["u2"].append(
-                self._reduce({n: g + self.wd[n] * self.named[n] for n, g in grads.items()})
+        grads = [p.grad if p.grad is not None else self._zero(i) for i, p in enumerate(self.params)]
+        self.rows["g"].append(self.plan_g(grads))  # [g2 | colsum]
+        self.plan_g.forget()
+        if self._separate:
+            w, b = self.output.weight, self.output.bias
+            self.rows["colsum"].append(
+                column_sums(self.named[w].grad, self.named[b].grad if b else None)
             )
+        if self.kind == "sgd":  # u = g + wd theta (wd 0 where not decayed)
+            u = self.plan_u.load(self.params)
+            if self._decay is not None:
+                u.mul_(self._decay)
+            u.mul_(self.wd).add_(self.plan_g.flat)
+            self.rows["u2"].append(self.plan_u())
         elif self.kind == "delta":
-            self._before = {n: p.detach().clone() for n, p in self.named.items()}
+            self.plan_u.load(self.params, out=self._before)
 
     @torch.no_grad()
     def after_step(self, lr: float) -> None:
         if self.kind == "velocity":
             state = self.optimizer.state
-            vel = {
-                n: state[p]["momentum_buffer"]
-                if "momentum_buffer" in state[p]
-                else torch.zeros_like(p)
-                for n, p in self.named.items()
-            }
-            self.rows["u2"].append(self._reduce(vel))
-        elif self.kind == "delta":
-            self.rows["u2"].append(
-                self._reduce({n: (self._before[n] - p) / lr for n, p in self.named.items()})
-            )
-            self._before = None
+            vel = [
+                state[p]["momentum_buffer"] if "momentum_buffer" in state[p] else self._zero(i)
+                for i, p in enumerate(self.params)
+            ]
+            self.rows["u2"].append(self.plan_u(vel))
+        elif self.kind == "delta":  # u = (theta_k - theta_{k+1}) / lr
+            u = self.plan_u.load(self.params)
+            torch.sub(self._before, u, out=u).div_(lr)
+            self.rows["u2"].append(self.plan_u())
 
     def flush(self) -> dict[str, np.ndarray]:
         """The rows since the last flush, as host arrays ``[steps, columns]``."""
         out = {}
-        for key, rows in self.rows.items():
-            if rows:
-                out[key] = torch.stack(rows).cpu().numpy()
+        if self.rows["g"]:
+            g = torch.stack(self.rows["g"]).cpu().numpy()
+            out["g2"] = np.ascontiguousarray(g[:, : self.plan_g.size])
+        for key in ("u2", "colsum"):
+            if self.rows[key]:
+                out[key] = torch.stack(self.rows[key]).cpu().numpy()
+        if self.rows["g"] and self.plan_g.columns:
+            out["colsum"] = np.ascontiguousarray(g[:, self.plan_g.size :])
+        for rows in self.rows.values():
             rows.clear()
         return out
