@@ -233,9 +233,9 @@ def test_registered_measures_stream_the_same_numbers(feature_pair):
 )
 def test_cka_defaults_agree_with_float64_in_one_block(n, channels, spatial, dead, seed):
     """The default CKA settings (float32 kernels from 500-row blocks, float64 moments and sums)
-    give the float64 one-block value: within 1.7e-8 on 150 such draws (worst at a few hundred
-    samples; below 20 samples the unbiased HSIC's terms cancel more, 1e-7 at 12), ~1e-9
-    relative at 5,000 samples (benchmarks/bench_alignment.py)."""
+    give the float64 one-block value: within 1.7e-8 on 150 such draws (below 20 samples the
+    unbiased HSIC's terms cancel more: 1e-7 at 12), 9.4e-8 on the embedded default's trained
+    features (297 samples), ~1e-9 relative at 5,000 samples (benchmarks/bench_alignment.py)."""
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, channels, *spatial, generator=gen)
     a = torch.relu(z + 0.3)
@@ -253,7 +253,7 @@ def test_cka_defaults_agree_with_float64_in_one_block(n, channels, spatial, dead
         for metric in ("grelu_cka", "linear_cka", "ortho_cka"):
             default = compare(metric, pair).similarity.iloc[0]
             exact = compare(metric, pair, {"dtype": "float64", "rows": 0}).similarity.iloc[0]
-            assert abs(default - exact) <= 1e-7, (metric, default, exact)
+            assert abs(default - exact) <= 2e-7, (metric, default, exact)
 
 
 def test_mismatched_probe_sets_are_refused(tmp_path):
