@@ -1,23 +1,26 @@
-"""Mask training step: K = 4 mask samples in one batched (vmapped) forward/backward, against K
-sequential masked passes with gradients accumulated, and against a plain unmasked training step.
+"""Mask training step: K = 4 mask samples in one batched (vmapped) forward/backward, against
+the same step written as a plain loop over the samples, and against a plain unmasked step.
 
-Two sequential baselines:
+- ``batched``: the K samples' masked weights stacked, one vmapped forward/backward over the
+  batch of B items cut into K parts of B/K (sample k sees part k);
+- ``loop`` (the baseline; headline ratio ``loop/bat``): the same work as a competent user
+  writes it, K passes of one mask sample each over its B/K items, gradients accumulated;
+- ``K x full`` (labelled, not a baseline): K passes over all B items each, K times the work of
+  the other two (what K samples per step would cost on the whole batch);
+- ``plain``: one unmasked training step of the model on the B items (a scale reference).
 
-- ``seq-full``: K passes over the same batch of B items, one mask sample each (K samples per
-  step without the batching trick; target: seq-full / batched >= 2);
-- ``seq-split``: K passes over B/K items each, the batched step's exact work done one sample at a
-  time (isolates what batching itself saves: per-op overhead and launches, against cache
-  locality of the per-sample elementwise mask ops).
+Each mode does a full step: sample the masks, forward, backward, clip, Adam. All modes are
+warmed up, then timed over ``--steps`` steps in turn, ``--repeats`` times interleaved; prints
+the median milliseconds per step and the median of the per-round ratios.
 
-Each mode does a full step: sample the masks, forward, backward, clip, Adam. Prints
-milliseconds per step side by side.
-
-    .venv/bin/python benchmarks/bench_masks.py [--threads 1] [--steps 20] [--device cpu]
+    .venv/bin/python benchmarks/bench_masks.py [--threads 1] [--steps 20] [--repeats 5]
+        [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -49,8 +52,6 @@ def _data(shape, outputs, heads, device):
 
 
 def _timed(step, steps, device) -> float:
-    for _ in range(3):
-        step()
     devices.sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -59,7 +60,7 @@ def _timed(step, steps, device) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
-def bench(name, model_name, shape, outputs, heads, options, steps, device):
+def bench(name, model_name, shape, outputs, heads, options, steps, repeats, device):
     model = build(model_name, shape, outputs, options, seed=0).to(device).eval()
     weights = model_weights(model)
     names = masked_params(masked_layers(model, shape))
@@ -101,15 +102,29 @@ def bench(name, model_name, shape, outputs, heads, options, steps, device):
         torch.nn.utils.clip_grad_norm_(plain_model.parameters(), 1.0)
         plain_opt.step()
 
-    t_batched = _timed(batched, steps, device)
-    t_full = _timed(lambda: sequential(BATCH), steps, device)
-    t_split = _timed(lambda: sequential(BATCH // K), steps, device)
-    t_plain = _timed(plain, steps, device)
+    modes = {
+        "plain": plain,
+        "batched": batched,
+        "loop": lambda: sequential(BATCH // K),
+        "full": lambda: sequential(BATCH),
+    }
+    for step in modes.values():  # warm-up
+        for _ in range(3):
+            step()
+    times = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, step in modes.items():
+            times[mode].append(_timed(step, steps, device))
+
+    def ratio(a, b):
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+    t = {mode: statistics.median(v) for mode, v in times.items()}
     masked = sum(weights[n].numel() for n in names)
     print(
-        f"{name:28s} {masked:>10,d} {t_plain:8.2f} {t_batched:8.2f} {t_full:8.2f} "
-        f"{t_split:8.2f} {t_full / t_batched:8.2f}x {t_split / t_batched:8.2f}x "
-        f"{t_batched / t_plain:8.2f}x",
+        f"{name:28s} {masked:>10,d} {t['plain']:8.2f} {t['batched']:8.2f} {t['loop']:8.2f} "
+        f"{t['full']:9.2f} {ratio('loop', 'batched'):8.2f}x {ratio('full', 'batched'):9.2f}x "
+        f"{ratio('batched', 'plain'):9.2f}x",
         flush=True,
     )
 
@@ -118,20 +133,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = devices.resolve(args.device)
     print(
-        f"K = {K} mask samples, batch {BATCH}, {args.threads} thread(s), {device}; "
-        "ms per step (sample, forward, backward, clip, Adam)"
+        f"K = {K} mask samples, batch {BATCH} (B/K = {BATCH // K} per sample), {args.threads} "
+        f"thread(s), {device}; ms per step (sample, forward, backward, clip, Adam), medians of "
+        f"{args.repeats} interleaved rounds of {args.steps} steps; loop/bat is the headline "
+        "(same work); K x full does K times the work"
     )
     print(
-        f"{'model':28s} {'masked w':>10s} {'plain':>8s} {'batched':>8s} {'seq-full':>8s} "
-        f"{'seq-split':>8s} {'full/bat':>9s} {'split/bat':>9s} {'bat/plain':>9s}"
+        f"{'model':28s} {'masked w':>10s} {'plain':>8s} {'batched':>8s} {'loop':>8s} "
+        f"{'K x full':>9s} {'loop/bat':>9s} {'Kfull/bat':>10s} {'bat/plain':>10s}"
     )
     for case in CASES:
-        bench(*case, args.steps, device)
+        bench(*case, args.steps, args.repeats, device)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,17 @@ its invariances, and gives the same numbers streamed from a feature file in smal
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import examples
 
 from pipeline.alignment import Pair, compare, register_similarity
 from pipeline.alignment.cka import cka, hsic1, kernel_of
@@ -208,13 +214,46 @@ def test_registered_measures_stream_the_same_numbers(feature_pair):
             ortho_procrustes(a[row.layer_a], b[row.layer_b]), abs=1e-12
         )
     for metric, kind in (("grelu_cka", "grelu"), ("linear_cka", "linear"), ("ortho_cka", "ortho")):
-        table = compare(metric, pair, {"rows": 5})
+        table = compare(metric, pair, {"rows": 5, "dtype": "float64"})
         assert len(table) == 4  # all layer pairs
         for row in table.itertuples():
             ref = cka(kernel_of(a[row.layer_a], kind), kernel_of(b[row.layer_b], kind))
             assert row.similarity == pytest.approx(ref, abs=1e-12), (metric, row.layer_a)
     diag = compare("grelu_cka", pair, {"pairs": "diagonal"})
     assert list(zip(diag.layer_a, diag.layer_b, strict=True)) == [("conv", "conv"), ("fc", "fc")]
+
+
+@settings(max_examples=examples(ci=4, thorough=40), deadline=None)
+@given(
+    n=st.integers(20, 1200),
+    channels=st.integers(1, 8),
+    spatial=st.sampled_from([(), (3,), (2, 3)]),
+    dead=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cka_defaults_agree_with_float64_in_one_block(n, channels, spatial, dead, seed):
+    """The default CKA settings (float32 kernels from 500-row blocks, float64 moments and sums)
+    give the float64 one-block value: within 1.7e-8 on 150 such draws (below 20 samples the
+    unbiased HSIC's terms cancel more: 1e-7 at 12), 9.4e-8 on the embedded default's trained
+    features (297 samples), ~1e-9 relative at 5,000 samples (benchmarks/bench_alignment.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, channels, *spatial, generator=gen)
+    a = torch.relu(z + 0.3)
+    b = torch.relu(0.6 * z + 0.8 * torch.randn(n, channels, *spatial, generator=gen) + 0.3)
+    if dead:
+        a[:, 0] = 0
+    for metric in ("grelu_cka", "linear_cka", "ortho_cka"):
+        defaults = inspect.signature(register_similarity.get(metric)).parameters
+        assert (defaults["dtype"].default, defaults["rows"].default) == ("float32", 500), metric
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = Pair(
+            features_a=write_feature_file(Path(tmp) / "a.h5", {"x": a}),
+            features_b=write_feature_file(Path(tmp) / "b.h5", {"x": b}),
+        )
+        for metric in ("grelu_cka", "linear_cka", "ortho_cka"):
+            default = compare(metric, pair).similarity.iloc[0]
+            exact = compare(metric, pair, {"dtype": "float64", "rows": 0}).similarity.iloc[0]
+            assert abs(default - exact) <= 2e-7, (metric, default, exact)
 
 
 def test_mismatched_probe_sets_are_refused(tmp_path):

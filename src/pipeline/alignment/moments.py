@@ -66,13 +66,15 @@ class Moments:
 
 
 def single_moments(blocks) -> Moments:
-    """Per-channel count, sum and sum of squares over ``(start, block)`` pairs of one layer."""
+    """Per-channel count, sum and sum of squares over ``(start, block)`` pairs of one layer,
+    accumulated in float64 whatever the blocks' dtype."""
     count, s, sq = 0, None, None
     for _, x in blocks:
-        rows = channels_last(x)
-        s = rows.sum(0) if s is None else s + rows.sum(0)
-        sq = (rows * rows).sum(0) if sq is None else sq + (rows * rows).sum(0)
-        count += rows.shape[0]
+        x = x.to(torch.float64)
+        dims = (0, *range(2, x.ndim))  # every axis but the channel axis
+        s = x.sum(dims) if s is None else s + x.sum(dims)
+        sq = (x * x).sum(dims) if sq is None else sq + (x * x).sum(dims)
+        count += x.numel() // x.shape[1]
     return Moments(count, s, sq)
 
 
@@ -97,8 +99,9 @@ def pair_moments(blocks_a, blocks_b) -> Moments:
     return Moments(count, acc[0], acc[1], acc[2], acc[3], acc[4])
 
 
-def tensor_blocks(x: torch.Tensor, rows: int | None = None):
-    """``(start, block)`` pairs of an in-memory tensor (the same stream a feature file gives)."""
+def tensor_blocks(x: torch.Tensor, rows: int | None = None, first: int = 0):
+    """``(start, block)`` pairs of an in-memory tensor from row ``first`` on (the same stream a
+    feature file gives)."""
     rows = rows or len(x)
-    for start in range(0, len(x), rows):
+    for start in range(first, len(x), rows):
         yield start, x[start : start + rows]

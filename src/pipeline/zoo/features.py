@@ -159,14 +159,16 @@ class FeatureFile:
         per_row = 8 * int(np.prod(self.shapes[name][1:], dtype=np.int64))
         return max(1, min(len(self), budget // max(per_row, 1)))
 
-    def blocks(self, name: str, rows: int | None = None, dtype=torch.float64, device="cpu"):
+    def blocks(
+        self, name: str, rows: int | None = None, dtype=torch.float64, device="cpu", first=0
+    ):
         """Yield ``(start, block)`` with ``block``: rows ``start ... start + b`` of layer ``name``
-        as a ``[b, C, ...]`` tensor."""
+        as a ``[b, C, ...]`` tensor, from row ``first`` on."""
         self.layer(name)
         rows = rows or self.block_rows(name)
         with io.open_h5(self.path) as f:
             ds = f[f"features/{name}"]
-            for start in range(0, len(self), rows):
+            for start in range(first, len(self), rows):
                 block = torch.from_numpy(ds[start : start + rows]).to(device=device, dtype=dtype)
                 yield start, block
 
