@@ -318,18 +318,22 @@ class StackedMSE:
         grad = ACTIVATION_GRADS.get(chain.activation, _autograd_activation_grad)
         self.act_grad = lambda g, z, a: grad(self.act, g, z, a)
         self._blocks: dict = {}  # zero-initialised block-diagonal buffers, by owner
+        self._views = None  # (flat, its per-Linear views)
 
     @torch.no_grad()
     def __call__(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         c, n, batch = self.chain, flat.shape[0], x.shape[0]
-        p = {k: flat[:, o:e].view(n, *s) for k, o, e, s in self.slices}
-        # each Linear: (weight [N, out, in], bias [N, out] or None, index of its input in hs)
-        linears = {
-            i: [(p[f"{name}.weight"], p[f"{name}.bias"] if c.bias else None, i)]
-            for i, name in enumerate(c.layers)
-        }
-        for j in c.skips:
-            linears[j].append((p[skip_name(c, j)], None, j - 1))
+        if self._views is None or self._views[0] is not flat:  # (a fit steps one buffer)
+            p = {k: flat[:, o:e].view(n, *s) for k, o, e, s in self.slices}
+            # each Linear: (weight [N, out, in], bias [N, out] or None, index of its input)
+            linears = {
+                i: [(p[f"{name}.weight"], p[f"{name}.bias"] if c.bias else None, i)]
+                for i, name in enumerate(c.layers)
+            }
+            for j in c.skips:
+                linears[j].append((p[skip_name(c, j)], None, j - 1))
+            self._views = (flat, linears)
+        linears = self._views[1]
         hs, zs, wide = [x], [], {}  # Linear inputs [B, K]; pre-activations; wide weights
         for i in range(c.depth + 1):
             z = None
@@ -378,12 +382,20 @@ class StackedMSE:
         return wide
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, computed as ``(b^T a^T)^T`` where that makes the product's rows the longer
+    side (BLAS is several times faster on the small GEMMs of toy students that way); the
+    result may be a transposed view."""
+    return (b.T @ a.T).T if b.shape[1] < a.shape[0] else a @ b
+
+
 def _wide_linear(h, w, b, wide, z):
     """``z (+) h W^T + b`` in the wide layout: ``h [B, K]``, result ``[B, N out]``."""
     if wide is not None:
-        if z is None:
-            return h @ wide.T if b is None else torch.addmm(b.reshape(-1), h, wide.T)
-        return z.addmm_(h, wide.T)
+        out = _mm(h, wide.T)
+        if b is not None:
+            out += b.reshape(-1)
+        return out if z is None else z.add_(out)
     n, o, k = w.shape
     h3 = h.view(h.shape[0], n, k).transpose(0, 1)
     out = torch.bmm(h3, w.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None], h3, w.mT)
@@ -397,7 +409,7 @@ def _wide_weight_grad(g, h, w, wide):
     if wide is None:
         g3 = g.view(g.shape[0], n, o).transpose(0, 1)
         return torch.bmm(g3.transpose(1, 2), h.view(h.shape[0], n, k).transpose(0, 1))
-    full = (h.T @ g).T  # [N out, K]
+    full = _mm(g.T, h)  # [N out, K]
     if wide.shape[1] == k:  # the shared input
         return full.view(n, o, k)
     return full.view(n, o, n, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
@@ -406,7 +418,7 @@ def _wide_weight_grad(g, h, w, wide):
 def _wide_input_grad(g, w, wide):
     """``[B, N in]`` gradient ``g W`` into a stacked input."""
     if wide is not None:
-        return g @ wide
+        return _mm(g, wide)
     n, o, k = w.shape
     g3 = g.view(g.shape[0], n, o).transpose(0, 1)
     return torch.bmm(g3, w).transpose(0, 1).reshape(g.shape[0], n * k)

@@ -455,13 +455,14 @@ def _fit_lbfgs(
         line_search_fn="strong_wolfe",
     )
 
+    loss_grad = StackedMSE(chain)
+
     def closure():
-        opt.zero_grad()
-        loss = ((forward(chain, unflatten(chain, flat), data.x) - data.y) ** 2).mean()
-        loss.backward()
+        loss, grad = loss_grad(flat.detach(), data.x, data.y)
         if grad_mask is not None:
-            flat.grad.mul_(grad_mask)
-        return loss
+            grad.mul_(grad_mask)
+        flat.grad = grad
+        return loss[0]
 
     rows, previous, status, done = [], math.inf, "max_epochs", 0
     floor = h.floor * float((data.y**2).mean())
@@ -513,13 +514,13 @@ def _fit_lbfgs_stack(
         flat.mul_(mask_flat.to(flat.dtype))
     n = flat.shape[0]
 
+    loss_grad = StackedMSE(chain)
+
     def evaluate(x):
-        x = x.detach().requires_grad_(True)
-        per = ((forward(chain, unflatten(chain, x), data.x) - data.y) ** 2).mean((1, 2))
-        (g,) = torch.autograd.grad(per.sum(), x)
+        per, g = loss_grad(x.contiguous(), data.x, data.y)
         if grad_mask is not None:
-            g = g * grad_mask
-        return per.detach(), g
+            g.mul_(grad_mask)
+        return per, g
 
     def dot(a, b):
         return (a * b).sum(1)
