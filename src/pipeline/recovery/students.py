@@ -180,7 +180,7 @@ class StackedPlateau:
     KEYS = ("lr", "best", "bad", "cooldown", "active", "status")
 
     def __init__(self, n: int, h: FitHparams, dtype, device):
-        self.h, self.dtype, self.device = h, dtype, torch.device(device)
+        self.h, self.device = h, torch.device(device)
         real = torch.empty(0, dtype=dtype).numpy().dtype
         self.lr = np.full(n, h.lr, dtype=real)
         self.best = np.full(n, math.inf, dtype=real)
