@@ -13,8 +13,11 @@
    ``OUT/deep.parquet``.
 3. ``dtype``: seconds (CPU) per problem with float32 against float64 students, and the
    recovery distances each gives, on the first ``--dtype-problems`` problems of the family.
-4. ``speed``: N = 10 students trained vectorised vs sequentially (toy size, target >= 4x on 2
-   cores; MNIST size reported) and clustering 20,000 11-D vectors (target < 30 s).
+4. ``students``: N = 10 students trained by one vectorised fit against ten plain sequential
+   loops (per student ``nn.Sequential`` + ``torch.optim.Adam``, warmed up, the same data, batches
+   and dtype; medians of 5 interleaved runs), 1 and 2 threads: the toy size (10-16-1 tanh, 500
+   points, full batch; target >= 5x) and an MNIST size (784-80-10 relu, batch 512).
+5. ``speed``: clustering 20,000 11-D vectors (target < 30 s).
 
 Every problem's rows are appended as it finishes (a killed run keeps what it had), the trained
 students are cached under ``OUT/students/`` (shared by the parts, which can run as separate
@@ -22,7 +25,7 @@ processes), and the summary is printed from the tables, so ``--summary`` reprint
 running anything. On 2 idle cores the whole run takes hours (the family about 2 CPU minutes a
 problem with every rule, a deep problem about as much).
 
-    python benchmarks/bench_recovery.py [--parts family deep dtype speed] [--problems 24]
+    python benchmarks/bench_recovery.py [--parts family deep dtype students speed] [--problems 24]
         [--seeds 8] [--out results/bench_recovery] [--summary]
 """
 
@@ -37,11 +40,12 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from torch import nn
 
-from pipeline import io
-from pipeline.models import build
+from pipeline import io, seeding
+from pipeline.models.activations import make as make_activation
 from pipeline.plots.recovery import recovery_family, recovery_widths
-from pipeline.recovery.chain import Chain, init_stack, member
+from pipeline.recovery.chain import Chain, init_stack
 from pipeline.recovery.cluster import (
     ADDITIONS,
     ClusterHparams,
@@ -350,36 +354,72 @@ def _toy_data(d_in: int, outputs: int, n: int) -> ProbeData:
     return ProbeData(x, y, x[:256], y[:256])
 
 
-def students_speed(d_in, width, outputs, n, batch, epochs, label) -> None:
-    """Seconds per epoch, N = 10 students: one vectorised program vs ten sequential runs."""
-    chain = Chain(d_in, (width,), outputs, "relu")
+def _sequential_students(chain: Chain, params: dict, data: ProbeData, h: FitHparams) -> None:
+    """The baseline a competent user writes: per student a plain ``nn.Sequential`` and
+    ``torch.optim.Adam``, the fit's data, batches (the same order) and dtype."""
+    x, y, size = data.x, data.y, len(data.x)
+    batch = size if h.batch_size <= 0 else min(h.batch_size, size)
+    for n in range(next(iter(params.values())).shape[0]):
+        layers = []
+        for name in chain.layers:
+            w = params[f"{name}.weight"][n]
+            linear = nn.Linear(w.shape[1], w.shape[0], dtype=w.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(w)
+                linear.bias.copy_(params[f"{name}.bias"][n])
+            layers += [linear, make_activation(chain.activation)]
+        model = nn.Sequential(*layers[:-1])
+        opt = torch.optim.Adam(model.parameters(), lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps)
+        for epoch in range(h.max_epochs):
+            if batch < size:
+                order = torch.randperm(size, generator=seeding.generator(0, "order", "", epoch))
+            for b in range(size // batch):
+                if batch == size:
+                    xb, yb = x, y
+                else:
+                    idx = order[b * batch : (b + 1) * batch]
+                    xb, yb = x[idx], y[idx]
+                opt.zero_grad()
+                ((model(xb) - yb) ** 2).mean().backward()
+                opt.step()
+
+
+def students_speed(d_in, width, outputs, activation, n, batch, epochs, label, repeats=5) -> None:
+    """Wall seconds per epoch of N = 10 students, one vectorised fit against ten plain
+    sequential loops (both warmed up; medians of ``repeats`` interleaved runs)."""
+    chain = Chain(d_in, (width,), outputs, activation)
     data = _toy_data(d_in, outputs, n)
     params = init_stack(chain, 10, seed=0, dtype=torch.float32)
     h = FitHparams(
         lr=1e-3, batch_size=batch, max_epochs=epochs, plateau_patience=10**6, log_every=10**6
     )
-    fit(chain, params, data, FitHparams(**{**h.__dict__, "max_epochs": 1}))  # warm-up
-    t0 = time.perf_counter()
-    fit(chain, params, data, h)
-    vectorised = (time.perf_counter() - t0) / epochs
-    t0 = time.perf_counter()
-    for n_student in range(10):
-        model = build("mlp", (d_in,), outputs, chain.model_options(), 0, torch.float32)
-        model.load_state_dict(member(params, n_student))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for epoch in range(epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch))
-            for b in range(n // batch):
-                idx = order[b * batch : (b + 1) * batch]
-                opt.zero_grad()
-                ((model(data.x[idx]) - data.y[idx]) ** 2).mean().backward()
-                opt.step()
-    sequential = (time.perf_counter() - t0) / epochs
+    warm = replace(h, max_epochs=2)
+    fit(chain, params, data, warm)
+    _sequential_students(chain, params, data, warm)
+    times = {"vectorised": [], "sequential": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fit(chain, params, data, h)
+        times["vectorised"].append((time.perf_counter() - t0) / epochs)
+        t0 = time.perf_counter()
+        _sequential_students(chain, params, data, h)
+        times["sequential"].append((time.perf_counter() - t0) / epochs)
+    vec, seq = (float(np.median(times[k])) for k in ("vectorised", "sequential"))
+    batch_name = "full batch" if batch <= 0 else f"batch {batch}"
     print(
-        f"  {label:10s} sequential {sequential * 1e3:8.2f} ms/epoch   vectorised "
-        f"{vectorised * 1e3:8.2f} ms/epoch   speed-up {sequential / vectorised:5.1f}x",
+        f"  {label:10s} ({d_in}-{width}-{outputs} {activation}, {n} points, {batch_name}): "
+        f"sequential {seq * 1e3:8.2f} ms/epoch   vectorised {vec * 1e3:8.2f} ms/epoch   "
+        f"speed-up {seq / vec:5.1f}x",
         flush=True,
     )
+
+
+def students(threads=(1, 2)) -> None:
+    for count in threads:
+        torch.set_num_threads(count)
+        print(f"students, N = 10, vectorised vs sequential ({count} thread(s), float32):")
+        students_speed(10, 16, 1, "tanh", 500, 0, 200, "toy")
+        students_speed(784, 80, 10, "relu", 4096, 512, 3, "MNIST-size")
 
 
 def clustering_speed(count: int, dim: int, label: str) -> None:
@@ -412,11 +452,6 @@ def clustering_speed(count: int, dim: int, label: str) -> None:
 
 
 def speed() -> None:
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        print(f"students, N = 10, vectorised vs sequential ({threads} thread(s), float32):")
-        students_speed(10, 32, 1, 2000, 200, 20, "toy")
-        students_speed(784, 80, 10, 4096, 512, 3, "MNIST-size")
     torch.set_num_threads(2)
     print("clustering (2 threads):")
     clustering_speed(20_000, 11, "11-D (target < 30 s)")
@@ -426,7 +461,9 @@ def speed() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--parts", nargs="+", default=["family", "ablation", "deep", "dtype", "speed"]
+        "--parts",
+        nargs="+",
+        default=["family", "ablation", "deep", "dtype", "students", "speed"],
     )
     parser.add_argument("--problems", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=8)
@@ -455,6 +492,8 @@ def main() -> None:
         if "dtype" in args.parts:
             print("float32 vs float64 students (1 thread):")
             dtypes(args.dtype_problems, args.out)
+        if "students" in args.parts:
+            students()
         if "speed" in args.parts:
             speed()
     summary(args.out)

@@ -14,13 +14,18 @@ normalisation, each group read by the next Linear only) and refuses anything els
 
 Stacked forward: ``x [B, d]`` (shared by all N) or ``[N, B, d]`` -> ``[N, B, o]``; the first
 layer is one GEMM over all N networks' neurons, later layers batched matmuls.
+:class:`StackedMSE` is the per-network mean squared error of a flat ``[N, P]`` buffer with its
+gradient derived by hand (backpropagation as batched matmuls, no autograd graph), the step of
+the students' fit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
 from pipeline.models.activations import make as make_activation
 from pipeline.models.structure import NeuronStructure
@@ -264,3 +269,156 @@ def init_stack(chain: Chain, count: int, seed: int, dtype=torch.float64, tag: st
 
 def _mlp_layers(depth: int) -> tuple[str, ...]:
     return tuple(f"fc{i}" for i in range(1, depth + 1)) + ("out",)
+
+
+# -- the per-network MSE and its gradient, by hand ---------------------------------------------
+_aten = torch.ops.aten
+#: activation name -> ``(module, grad wrt a, z, a) -> grad wrt z``: the kernels autograd calls
+ACTIVATION_GRADS: dict[str, Callable] = {
+    "relu": lambda m, g, z, a: _aten.threshold_backward(g, a, 0),
+    "leaky_relu": lambda m, g, z, a: _aten.leaky_relu_backward(g, z, m.negative_slope, False),
+    "tanh": lambda m, g, z, a: _aten.tanh_backward(g, a),
+    "sigmoid": lambda m, g, z, a: _aten.sigmoid_backward(g, a),
+    "gelu": lambda m, g, z, a: _aten.gelu_backward(g, z, approximate=m.approximate),
+    "softplus": lambda m, g, z, a: _aten.softplus_backward(g, z, m.beta, m.threshold),
+    "elu": lambda m, g, z, a: _aten.elu_backward(g, m.alpha, 1, 1, False, z),
+    "silu": lambda m, g, z, a: _aten.silu_backward(g, z),
+    "identity": lambda m, g, z, a: g,
+}
+
+
+def _autograd_activation_grad(m: nn.Module, g, z, a):
+    """Any other activation: its gradient by autograd."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        return torch.autograd.grad(m(z), z, g)[0]
+
+
+class StackedMSE:
+    """``(per [N], grad [N, P])``: every network's ``L_n = mean_{b,o} (f_n(x_b)_o - y_bo)^2`` on
+    ``x [B, d]`` (shared), ``y [B, o]`` and the gradient of ``sum_n L_n`` with respect to the flat
+    buffer (the layout of :func:`layout`), by backpropagation written out:
+    ``g_L = 2 (out - y) / (B o)``; per Linear ``i`` with input ``h_i`` and output gradient
+    ``g_i``: ``dW_i = g_i^T h_i``, ``db_i = sum_b g_i``, (skip ``dS_i = g_i^T h_{i-1}``), and
+    ``g_{i-1} = act'(z_{i-1}) * (g_i W_i (+ g_{i+1} S_{i+1}))``.
+
+    All N networks run as one wide network: activations are ``[B, N width]`` (network-major
+    within a row). The first Linear is one GEMM with the ``[N width, d]`` stacked weight; a later
+    one is one GEMM with the block-diagonal ``[N out, N in]`` weight while that matrix has at
+    most ``block_diagonal_max`` entries (N x the flops, but one call instead of N small ones:
+    the toy students' case), else a batched matmul."""
+
+    def __init__(self, chain: Chain, block_diagonal_max: int = 2**18):
+        self.chain = chain
+        self.block_diagonal_max = block_diagonal_max
+        self.slices = [
+            (k, o, o + int(torch.Size(s).numel()), s) for k, (o, s) in layout(chain).items()
+        ]
+        self.act = make_activation(chain.activation)
+        grad = ACTIVATION_GRADS.get(chain.activation, _autograd_activation_grad)
+        self.act_grad = lambda g, z, a: grad(self.act, g, z, a)
+        self._blocks: dict = {}  # zero-initialised block-diagonal buffers, by owner
+        self._views = None  # (flat, its per-Linear views)
+
+    @torch.no_grad()
+    def __call__(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+        c, n, batch = self.chain, flat.shape[0], x.shape[0]
+        if self._views is None or self._views[0] is not flat:  # (a fit steps one buffer)
+            p = {k: flat[:, o:e].view(n, *s) for k, o, e, s in self.slices}
+            # each Linear: (weight [N, out, in], bias [N, out] or None, index of its input)
+            linears = {
+                i: [(p[f"{name}.weight"], p[f"{name}.bias"] if c.bias else None, i)]
+                for i, name in enumerate(c.layers)
+            }
+            for j in c.skips:
+                linears[j].append((p[skip_name(c, j)], None, j - 1))
+            self._views = (flat, linears)
+        linears = self._views[1]
+        hs, zs, wide = [x], [], {}  # Linear inputs [B, K]; pre-activations; wide weights
+        for i in range(c.depth + 1):
+            z = None
+            for k, (w, b, src) in enumerate(linears[i]):
+                wide[i, k] = self._wide(w, src, (i, k))
+                z = _wide_linear(hs[src], w, b, wide[i, k], z)
+            if i < c.depth:
+                zs.append(z)
+                hs.append(self.act(z))
+        diff = z.view(batch, n, c.outputs) - y[:, None, :]
+        per = (diff**2).mean((0, 2))
+        g = (diff * (2.0 / (batch * c.outputs))).view(batch, -1)
+        grads, into = {}, {}  # parameter gradients; gradients into the hidden inputs
+        for i in range(c.depth, -1, -1):
+            name = c.layers[i]
+            for k, (w, _, src) in enumerate(linears[i]):
+                pname = f"{name}.weight" if k == 0 else skip_name(c, i)
+                grads[pname] = _wide_weight_grad(g, hs[src], w, wide[i, k])
+                if src > 0:
+                    back = _wide_input_grad(g, w, wide[i, k])
+                    into[src] = back if src not in into else into[src].add_(back)
+            if c.bias:
+                grads[f"{name}.bias"] = g.sum(0).view(n, -1)
+            if i == 0:
+                break
+            g = self.act_grad(into.pop(i), zs[i - 1], hs[i])
+        grad = torch.empty_like(flat)
+        for k, o, e, s in self.slices:
+            grad[:, o:e].view(n, *s).copy_(grads[k])
+        return per, grad
+
+    def _wide(self, w: torch.Tensor, src: int, which: tuple) -> torch.Tensor | None:
+        """The ``[N out, K]`` weight of the wide network for stacked ``w [N, out, in]``: the
+        stack itself on the shared input, the block-diagonal matrix on a stacked one (``None``:
+        too large, a batched matmul instead); ``which``: the buffer's owner (layer, k)."""
+        n, o, k = w.shape
+        if src == 0:
+            return w.reshape(n * o, k)
+        if n * o * n * k > self.block_diagonal_max:
+            return None
+        key = (which, n, w.dtype, w.device)
+        if key not in self._blocks:
+            self._blocks[key] = torch.zeros(n * o, n * k, dtype=w.dtype, device=w.device)
+        wide = self._blocks[key]
+        wide.view(n, o, n, k).diagonal(dim1=0, dim2=2).copy_(w.permute(1, 2, 0))
+        return wide
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, computed as ``(b^T a^T)^T`` where that makes the product's rows the longer
+    side (BLAS is several times faster on the small GEMMs of toy students that way); the
+    result may be a transposed view."""
+    return (b.T @ a.T).T if b.shape[1] < a.shape[0] else a @ b
+
+
+def _wide_linear(h, w, b, wide, z):
+    """``z (+) h W^T + b`` in the wide layout: ``h [B, K]``, result ``[B, N out]``."""
+    if wide is not None:
+        out = _mm(h, wide.T)
+        if b is not None:
+            out += b.reshape(-1)
+        return out if z is None else z.add_(out)
+    n, o, k = w.shape
+    h3 = h.view(h.shape[0], n, k).transpose(0, 1)
+    out = torch.bmm(h3, w.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None], h3, w.mT)
+    out = out.transpose(0, 1).reshape(h.shape[0], n * o)
+    return out if z is None else z.add_(out)
+
+
+def _wide_weight_grad(g, h, w, wide):
+    """``[N, out, in]`` gradient ``g^T h`` of stacked ``w``: ``g [B, N out]``, ``h [B, K]``."""
+    n, o, k = w.shape
+    if wide is None:
+        g3 = g.view(g.shape[0], n, o).transpose(0, 1)
+        return torch.bmm(g3.transpose(1, 2), h.view(h.shape[0], n, k).transpose(0, 1))
+    full = _mm(g.T, h)  # [N out, K]
+    if wide.shape[1] == k:  # the shared input
+        return full.view(n, o, k)
+    return full.view(n, o, n, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _wide_input_grad(g, w, wide):
+    """``[B, N in]`` gradient ``g W`` into a stacked input."""
+    if wide is not None:
+        return _mm(g, wide)
+    n, o, k = w.shape
+    g3 = g.view(g.shape[0], n, o).transpose(0, 1)
+    return torch.bmm(g3, w).transpose(0, 1).reshape(g.shape[0], n * k)

@@ -38,7 +38,15 @@ import pandas as pd
 import torch
 
 from pipeline import io, seeding
-from pipeline.recovery.chain import Chain, flatten, forward, init_stack, layout, unflatten
+from pipeline.recovery.chain import (
+    Chain,
+    StackedMSE,
+    flatten,
+    forward,
+    init_stack,
+    layout,
+    unflatten,
+)
 from pipeline.recovery.teachers import ProbeData
 
 STATUS = ("converged", "max_epochs", "diverged")
@@ -138,17 +146,21 @@ class StackedAdam:
         lr: torch.Tensor,
         active: torch.Tensor,
         lr_scale: torch.Tensor | None = None,
+        all_active: bool = False,
     ):
-        """One Adam step of the active rows; ``lr_scale [P]``: a learning-rate factor per column."""
+        """One Adam step of the active rows (``all_active``: every row, known to the caller);
+        ``lr_scale [P]``: a learning-rate factor per column."""
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         self.m.mul_(b1).add_(grad, alpha=1 - b1)
         self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v.sqrt() / math.sqrt(1 - b2**self.t)).add_(self.eps)
-        step = self.m / denom * (lr / (1 - b1**self.t))[:, None]
+        step = self.v.sqrt().div_(math.sqrt(1 - b2**self.t)).add_(self.eps)
+        torch.div(self.m, step, out=step).mul_((lr / (1 - b1**self.t))[:, None])
         if lr_scale is not None:
-            step = step * lr_scale
-        flat.sub_(torch.where(active[:, None], step, torch.zeros_like(step)))
+            step.mul_(lr_scale)
+        if not all_active:
+            step.masked_fill_(~active[:, None], 0)
+        flat.sub_(step)
 
     def state_dict(self) -> dict:
         return {"m": self.m, "v": self.v, "t": self.t}
@@ -161,44 +173,63 @@ class StackedAdam:
 
 class StackedPlateau:
     """Reduce-on-plateau per network, on its epoch-mean loss; a network stops once a reduction
-    would take its learning rate below ``min_lr``."""
+    would take its learning rate below ``min_lr``. The state is ``[N]`` numpy arrays on the host
+    (``lr`` and ``best`` in the fit's dtype: the arithmetic of torch's tensors); :meth:`tensors`
+    gives the learning rates and the active mask on the fit's device."""
+
+    KEYS = ("lr", "best", "bad", "cooldown", "active", "status")
 
     def __init__(self, n: int, h: FitHparams, dtype, device):
-        self.h = h
-        self.lr = torch.full((n,), h.lr, dtype=dtype, device=device)
-        self.best = torch.full((n,), math.inf, dtype=dtype, device=device)
-        self.bad = torch.zeros(n, dtype=torch.long, device=device)
-        self.cooldown = torch.zeros(n, dtype=torch.long, device=device)
-        self.active = torch.ones(n, dtype=torch.bool, device=device)
-        self.status = torch.full((n,), STATUS.index("max_epochs"), dtype=torch.long, device=device)
+        self.h, self.device = h, torch.device(device)
+        real = torch.empty(0, dtype=dtype).numpy().dtype
+        self.lr = np.full(n, h.lr, dtype=real)
+        self.best = np.full(n, math.inf, dtype=real)
+        self.bad = np.zeros(n, dtype=np.int64)
+        self.cooldown = np.zeros(n, dtype=np.int64)
+        self.active = np.ones(n, dtype=bool)
+        self.status = np.full(n, STATUS.index("max_epochs"), dtype=np.int64)
+        self._tensors = None
 
-    def update(self, loss: torch.Tensor) -> None:
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lr [N], active [N])`` on the device (cached until an update changes them)."""
+        if self._tensors is None:
+            self._tensors = tuple(
+                torch.from_numpy(a.copy()).to(self.device) for a in (self.lr, self.active)
+            )
+        return self._tensors
+
+    def update(self, loss) -> None:
         h = self.h
-        finite = torch.isfinite(loss)
+        loss = loss.detach().cpu().numpy() if torch.is_tensor(loss) else np.asarray(loss)
+        lr, active = self.lr, self.active
+        finite = np.isfinite(loss)
         diverged = self.active & ~finite
         self.status[diverged] = STATUS.index("diverged")
         improved = loss < self.best * (1 - h.plateau_threshold)
-        self.best = torch.where(improved & finite, loss, self.best)
-        self.bad = torch.where(improved, 0, self.bad + 1)
+        self.best = np.where(improved & finite, loss, self.best)
+        self.bad = np.where(improved, 0, self.bad + 1)
         cooling = self.cooldown > 0
-        self.cooldown = torch.where(cooling, self.cooldown - 1, self.cooldown)
-        self.bad = torch.where(cooling, 0, self.bad)
+        self.cooldown = np.where(cooling, self.cooldown - 1, self.cooldown)
+        self.bad = np.where(cooling, 0, self.bad)
         reduce = self.active & (self.bad > h.plateau_patience)
-        new_lr = torch.where(reduce, self.lr * h.plateau_factor, self.lr)
+        new_lr = np.where(reduce, self.lr * h.plateau_factor, self.lr)
         done = reduce & (new_lr < h.min_lr)
         self.status[done] = STATUS.index("converged")
-        self.lr = torch.where(reduce & ~done, new_lr, self.lr)
-        self.cooldown = torch.where(reduce, h.plateau_cooldown, self.cooldown)
-        self.bad = torch.where(reduce, 0, self.bad)
+        self.lr = np.where(reduce & ~done, new_lr, self.lr)
+        self.cooldown = np.where(reduce, h.plateau_cooldown, self.cooldown)
+        self.bad = np.where(reduce, 0, self.bad)
         self.active = self.active & ~done & ~diverged
         self.status[self.active] = STATUS.index("max_epochs")
+        if not (np.array_equal(lr, self.lr) and np.array_equal(active, self.active)):
+            self._tensors = None
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("lr", "best", "bad", "cooldown", "active", "status")}
+        return {k: torch.from_numpy(np.array(getattr(self, k))) for k in self.KEYS}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
-            setattr(self, k, v.to(getattr(self, k).device))
+            setattr(self, k, v.detach().cpu().numpy().astype(getattr(self, k).dtype))
+        self._tensors = None
 
 
 def per_network_mse(chain: Chain, params: dict, x, y, batch: int = 65536) -> torch.Tensor:
@@ -269,28 +300,29 @@ def fit(
     epoch = epoch or start_epoch
     if keep_epoch == epoch:
         kept = _snapshot(chain, flat)
-    flat.requires_grad_(True)
-    while epoch < h.max_epochs and bool(sched.active.any()):
+    loss_grad = StackedMSE(chain)
+    while epoch < h.max_epochs and sched.active.any():
         if batch < size:
             order = torch.randperm(size, generator=seeding.generator(seed, "order", tag, epoch))
             order = order.to(data.x.device)
-        total = torch.zeros(n, dtype=flat.dtype, device=flat.device)
+        lr, active = sched.tensors()
+        all_active = bool(sched.active.all())
+        total = None
         for b in range(per_epoch):
             if batch == size:
                 xb, yb = data.x, data.y
             else:
                 idx = order[b * batch : (b + 1) * batch]
                 xb, yb = data.x[idx], data.y[idx]
-            per = ((forward(chain, unflatten(chain, flat), xb) - yb) ** 2).mean((1, 2))
-            (grad,) = torch.autograd.grad(per.sum(), flat)
+            per, grad = loss_grad(flat, xb, yb)
             if grad_mask is not None:
-                grad = grad * grad_mask
-            adam.step(flat, grad, sched.lr, sched.active, lr_scale)
-            total += per.detach()
+                grad.mul_(grad_mask)
+            adam.step(flat, grad, lr, active, lr_scale, all_active)
+            total = per if total is None else total + per
         mean_loss = total / per_epoch
         sched.update(mean_loss)
         epoch += 1
-        if epoch % h.log_every == 0 or not bool(sched.active.any()) or epoch == h.max_epochs:
+        if epoch % h.log_every == 0 or not sched.active.any() or epoch == h.max_epochs:
             rows.append(_log_rows(chain, flat, data, epoch, mean_loss, sched.lr))
         if resume and epoch % h.checkpoint_every == 0:
             _save(resume, key, epoch, flat.detach(), adam, sched, rows, kept)
@@ -347,9 +379,12 @@ def _log_rows(chain, flat, data, epoch, loss, lr) -> np.ndarray:
     test = per_network_mse(chain, params, data.x_test, data.y_test)
     n = len(loss)
     return np.stack(
-        [np.full(n, epoch), np.arange(n), loss.cpu().numpy(), test.cpu().numpy(), lr.cpu().numpy()],
-        axis=1,
+        [np.full(n, epoch), np.arange(n), _numpy(loss), _numpy(test), _numpy(lr)], axis=1
     )
+
+
+def _numpy(v) -> np.ndarray:
+    return v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
 
 
 def _history(rows) -> pd.DataFrame:
@@ -420,13 +455,14 @@ def _fit_lbfgs(
         line_search_fn="strong_wolfe",
     )
 
+    loss_grad = StackedMSE(chain)
+
     def closure():
-        opt.zero_grad()
-        loss = ((forward(chain, unflatten(chain, flat), data.x) - data.y) ** 2).mean()
-        loss.backward()
+        loss, grad = loss_grad(flat.detach(), data.x, data.y)
         if grad_mask is not None:
-            flat.grad.mul_(grad_mask)
-        return loss
+            grad.mul_(grad_mask)
+        flat.grad = grad
+        return loss[0]
 
     rows, previous, status, done = [], math.inf, "max_epochs", 0
     floor = h.floor * float((data.y**2).mean())
@@ -478,13 +514,13 @@ def _fit_lbfgs_stack(
         flat.mul_(mask_flat.to(flat.dtype))
     n = flat.shape[0]
 
+    loss_grad = StackedMSE(chain)
+
     def evaluate(x):
-        x = x.detach().requires_grad_(True)
-        per = ((forward(chain, unflatten(chain, x), data.x) - data.y) ** 2).mean((1, 2))
-        (g,) = torch.autograd.grad(per.sum(), x)
+        per, g = loss_grad(x.contiguous(), data.x, data.y)
         if grad_mask is not None:
-            g = g * grad_mask
-        return per.detach(), g
+            g.mul_(grad_mask)
+        return per, g
 
     def dot(a, b):
         return (a * b).sum(1)
