@@ -51,6 +51,20 @@ def copy_workflow(dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): small tensors run several times faster on one thread than on two of a busy
+    2-core machine, and it is the thread count every pipeline job uses (bit-identity checks of
+    the trace and of resumed runs hold at a fixed count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def workflow_copy(tmp_path):
     """A fresh copy of the workflow in a temporary directory."""

@@ -26,14 +26,8 @@ from pipeline.models import build
 from pipeline.plots import register_figure
 from pipeline.train.loop import train_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared 2-core machine: one torch thread (as every pipeline job uses)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- sampling -------------------------------------------------------------------------------

@@ -29,14 +29,8 @@ from pipeline.masks.views import subtask_view
 from pipeline.models import build
 from pipeline.train.loop import train_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared 2-core machine: one torch thread (as every pipeline job uses)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+#: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MASKS = MaskHparams(steps=300, lr=0.03, alpha=3e-3, samples=4, batch_size=128, log_every=100)

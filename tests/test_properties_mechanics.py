@@ -53,12 +53,8 @@ METRICS = tuple(
 EXACT = 1e-11
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_in_memory(arch, h: TrainHparams, steps: int, seed: int) -> RunArtifacts:

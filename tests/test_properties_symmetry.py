@@ -44,13 +44,8 @@ from pipeline.symmetry.groups import translation_layer
 OPS = ("permute", "rescale", "sign_flip", "bn_scale", "translate")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is several times faster than two on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_model_option_has_a_strategy():

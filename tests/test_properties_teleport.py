@@ -44,13 +44,8 @@ from pipeline.teleport.cob import SAMPLINGS, parameter_scales, sample
 from pipeline.teleport.network import current_cob, materialise, teleport_, teleported_parameters
 from pipeline.teleport.training import Preconditioner
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _option_strategies() -> dict:

@@ -26,12 +26,8 @@ from pipeline.train.optim import loss_fn
 CE = loss_fn("ce")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,8 @@ from pipeline.teleport.training import (
     sample_like,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a, b):
