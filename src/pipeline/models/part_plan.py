@@ -66,10 +66,12 @@ def _numel(shape) -> int:
 
 
 def _layout(like: torch.Tensor, sl, size: int) -> str:
-    """The class of the slice's reduction, read off ``per_neuron``'s ops on a meta tensor with
-    ``like``'s shape, strides and dtype."""
-    meta = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device="meta")
-    rows = _reference_rows(meta, sl, size)
+    """The class of the slice's reduction, read off ``per_neuron``'s ops on an uninitialised
+    tensor with ``like``'s shape, strides and dtype (on the CPU: a meta tensor would route the
+    ops through torch's decompositions, which import ``torch._dynamo`` and sympy, seconds of
+    start-up for every traced run)."""
+    blank = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype)
+    rows = _reference_rows(blank, sl, size)
     length = rows.shape[1]
     if length == 1:
         return "single"
