@@ -37,13 +37,13 @@ import ast
 import copy
 import hashlib
 import json
-import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
 
+from pipeline import io
 from pipeline import registry as _registry
 
 SELF = "pipeline.fingerprint"  # this module: never part of a closure
@@ -377,10 +377,8 @@ def _load(path: Path, module: str, package: str) -> dict:
         raise CodeError(f"{path}: {err}") from None
     _ANALYSES[(key, module)] = result
     try:
-        cached.parent.mkdir(exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "module": module, "analysis": result}))
-        os.replace(tmp, cached)
+        with io.atomic_path(cached) as tmp:
+            tmp.write_text(json.dumps({"key": key, "module": module, "analysis": result}))
     except OSError:
         pass  # a read-only checkout: analyse again next time
     return result
@@ -745,10 +743,8 @@ def code_fingerprint(target: str, config=None, record: str | Path | None = None,
         path = Path(record) / f"{closure.hash}.txt"
         if not path.exists():
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(closure.text)
-                os.replace(tmp, path)
+                with io.atomic_path(path) as tmp:
+                    tmp.write_text(closure.text)
             except OSError:
                 pass  # a read-only working directory: nothing to compare later, nothing lost
     return closure.hash

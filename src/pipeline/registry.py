@@ -13,12 +13,13 @@ import ast
 import fnmatch
 import hashlib
 import importlib
-import os
 import pickle
 import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from pipeline import io
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 #: This module's own bytes: cached registrations (see :func:`_registrations`) of another version
@@ -152,10 +153,8 @@ def _registrations(module: str) -> list[tuple]:
                 found.append((dec.func.id, dec.args[0].value, _fields(node, dec.keywords)))
     _REGISTERED[module] = found
     try:
-        cached.parent.mkdir(exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(pickle.dumps({"key": key, "module": module, "registrations": found}))
-        os.replace(tmp, cached)
+        with io.atomic_path(cached) as tmp:
+            tmp.write_bytes(pickle.dumps({"key": key, "module": module, "registrations": found}))
     except OSError:
         pass  # a read-only checkout: parse again next time
     return found
