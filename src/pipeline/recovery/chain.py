@@ -21,12 +21,11 @@ the students' fit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-from torch import nn
 
+from pipeline.models.activations import backward as activation_backward
 from pipeline.models.activations import make as make_activation
 from pipeline.models.structure import NeuronStructure
 
@@ -272,28 +271,6 @@ def _mlp_layers(depth: int) -> tuple[str, ...]:
 
 
 # -- the per-network MSE and its gradient, by hand ---------------------------------------------
-_aten = torch.ops.aten
-#: activation name -> ``(module, grad wrt a, z, a) -> grad wrt z``: the kernels autograd calls
-ACTIVATION_GRADS: dict[str, Callable] = {
-    "relu": lambda m, g, z, a: _aten.threshold_backward(g, a, 0),
-    "leaky_relu": lambda m, g, z, a: _aten.leaky_relu_backward(g, z, m.negative_slope, False),
-    "tanh": lambda m, g, z, a: _aten.tanh_backward(g, a),
-    "sigmoid": lambda m, g, z, a: _aten.sigmoid_backward(g, a),
-    "gelu": lambda m, g, z, a: _aten.gelu_backward(g, z, approximate=m.approximate),
-    "softplus": lambda m, g, z, a: _aten.softplus_backward(g, z, m.beta, m.threshold),
-    "elu": lambda m, g, z, a: _aten.elu_backward(g, m.alpha, 1, 1, False, z),
-    "silu": lambda m, g, z, a: _aten.silu_backward(g, z),
-    "identity": lambda m, g, z, a: g,
-}
-
-
-def _autograd_activation_grad(m: nn.Module, g, z, a):
-    """Any other activation: its gradient by autograd."""
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        return torch.autograd.grad(m(z), z, g)[0]
-
-
 class StackedMSE:
     """``(per [N], grad [N, P])``: every network's ``L_n = mean_{b,o} (f_n(x_b)_o - y_bo)^2`` on
     ``x [B, d]`` (shared), ``y [B, o]`` and the gradient of ``sum_n L_n`` with respect to the flat
@@ -315,7 +292,7 @@ class StackedMSE:
             (k, o, o + int(torch.Size(s).numel()), s) for k, (o, s) in layout(chain).items()
         ]
         self.act = make_activation(chain.activation)
-        grad = ACTIVATION_GRADS.get(chain.activation, _autograd_activation_grad)
+        grad = activation_backward(chain.activation)
         self.act_grad = lambda g, z, a: grad(self.act, g, z, a)
         self._blocks: dict = {}  # zero-initialised block-diagonal buffers, by owner
         self._views = None  # (flat, its per-Linear views)
