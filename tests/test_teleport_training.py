@@ -86,7 +86,7 @@ def test_sgd_on_teleported_network_equals_preconditioned_sgd(name, shape, opts):
             cob = callback.cob(structure, seed, teleports[step])
             teleport_(teleported, cob, opt_t)
             teleport_(naive, cob)  # momentum buffers left in the old basis
-            callback.on_epoch_start(teleports[step], plain, opt_p, seed)
+            callback.epoch_start(teleports[step], plain, opt_p, seed)
         losses_t.append(_step(teleported, opt_t, xs[step], ys[step]))
         losses_p.append(_step(plain, opt_p, xs[step], ys[step]))
         _step(naive, opt_n, xs[step], ys[step])
@@ -109,7 +109,7 @@ def test_sgd_on_teleported_network_equals_preconditioned_sgd(name, shape, opts):
 def test_callback_is_reproducible_and_resumable():
     """Teleport every epoch (4 steps each, 3 epochs). A fresh callback, model and optimizer
     loaded from the state after epoch 1 (a restart at an epoch boundary) or after the first
-    step of epoch 2 (a mid-epoch restart: ``on_resume``) end with the uninterrupted run's
+    step of epoch 2 (a mid-epoch restart: ``resume_at``) end with the uninterrupted run's
     weights, bit for bit."""
     shape, opts = (1, 6, 6), {"widths": [10], "activation": "elu", "batch_norm": True}
     model = build("mlp", shape, 5, opts, seed=1, dtype=torch.float64)
@@ -132,10 +132,10 @@ def test_callback_is_reproducible_and_resumable():
     def run(m, opt, cb, start, stop, resume=None):
         """Steps ``start`` to ``stop - 1``; epoch starts call the callback."""
         if resume is not None:
-            cb.on_resume(*divmod(start, 4), m, opt, seed)
+            cb.resume_at(*divmod(start, 4), m, opt, seed)
         for step in range(start, stop):
             if step % 4 == 0:
-                cb.on_epoch_start(step // 4, m, opt, seed)
+                cb.epoch_start(step // 4, m, opt, seed)
             _step(m, opt, xs[step], ys[step])
         return m, opt
 

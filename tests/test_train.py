@@ -162,8 +162,8 @@ import json, sys
 from pipeline.train.loop import train_run
 
 class Announce:  # tells the test which epoch starts, so it signals a run in progress
-    def on_epoch_start(self, epoch, model, optimizer, seed):
-        print(f"epoch {epoch}", flush=True)
+    def on_epoch_start(self, run):
+        print(f"epoch {run.epoch}", flush=True)
 
 train_run(sys.argv[1], json.load(open(sys.argv[2])), threads=1, progress=False,
           callbacks=(Announce(),))

@@ -242,14 +242,23 @@ class TeleportCallback:
         self.preconditioner.attach(optimizer)
         self._optimizer = optimizer
 
-    def on_resume(self, epoch: int, batch: int, model, optimizer, seed: int) -> None:
+    def on_resume(self, run) -> None:
+        """Engine hook (:mod:`pipeline.train.engine`): a resume state was loaded."""
+        self.resume_at(run.epoch, run.batch, run.task.model, run.task.optimizer, run.task.seed)
+
+    def on_epoch_start(self, run) -> None:
+        """Engine hook: an epoch's first batch comes next."""
+        self.epoch_start(run.epoch, run.task.model, run.task.optimizer, run.task.seed)
+
+    def resume_at(self, epoch: int, batch: int, model, optimizer, seed: int) -> None:
         """After a checkpoint was loaded at (``epoch``, ``batch``): restore the scaling of the
         teleports already applied (those of epochs before ``epoch``, and ``epoch``'s own when
         its first batch is already done)."""
         if self.mode == "teleport":
             self._start(model, optimizer, seed, range(epoch + (1 if batch > 0 else 0)))
 
-    def on_epoch_start(self, epoch: int, model, optimizer, seed: int) -> None:
+    def epoch_start(self, epoch: int, model, optimizer, seed: int) -> None:
+        """Before epoch ``epoch``'s first batch: reinitialise (epoch 0), teleport when due."""
         if epoch == 0:
             reinitialise_(
                 model, self.initializer, self.init_gain, seeding.generator(seed, "initializer")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +36,15 @@ from pipeline import devices, io, seeding
 from pipeline.config import CheckpointHparams, DatasetHparams, TrainHparams, run_fingerprint
 from pipeline.data import load as load_data
 from pipeline.models import build, neuron_structure
+from pipeline.train.engine import Engine, ResumeStore
+from pipeline.train.engine import TrainingDiverged as TrainingDiverged  # re-exported
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
 from pipeline.train.schedule import checkpoint_steps
-from pipeline.train.stop import StopRequest
 from pipeline.train.trace import MechanicsTrace
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +121,148 @@ class _Rows:
         }
 
 
+class RunTask:
+    """The step of an ordinary run (an engine task, :mod:`pipeline.train.engine`): one model,
+    one optimizer, minibatches of a dataset split; ``rows`` collects the history (train rows
+    per step, eval rows per epoch end)."""
+
+    def __init__(self, model, optimizer, sched, loss, data, h, seed, dev, info, where=""):
+        self.where = where
+        self.model, self.optimizer, self.sched, self.loss = model, optimizer, sched, loss
+        self.data, self.h, self.seed, self.dev, self.info = data, h, seed, dev, info
+        self.dtype = DTYPES[h.dtype]
+        self.rows = _Rows()
+        self.steps_per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
+        self.step, self.epoch = 0, 0
+        # on the CPU reading the loss costs nothing; on accelerators it syncs: check in batches
+        self.host = dev.type == "cpu"
+        self.check_every = 1 if self.host else 25
+        Schedule.apply(optimizer, sched.lr)
+
+    @property
+    def lr(self) -> float:
+        return self.sched.lr
+
+    def measure(self, step: int, epoch: int) -> dict:
+        """Loss and accuracy on every evaluation split (and their history rows)."""
+        metrics = {}
+        for split, part in self.data.eval_splits().items():
+            lo, ac = evaluate(self.model, part, self.loss, self.h.eval_batch_size)
+            metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = lo, ac
+            self.rows.add_eval((step, epoch, SPLITS.index(split), lo, ac, self.sched.lr))
+        return metrics
+
+    def begin(self) -> dict:
+        return self.measure(0, 0)
+
+    def batches(self, epoch: int, start: int):
+        self.epoch = epoch
+        h = self.h
+        return self.data.train.train_batches(
+            h.batch_size, h.drop_last, self.seed, epoch, start, h.augment
+        )
+
+    def forward_backward(self, batch):
+        x, y = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(x)
+        value = self.loss(out, y)
+        value.backward()
+        return out, y, value
+
+    def update(self) -> None:
+        self.optimizer.step()
+        if devices.is_xla(self.dev):
+            devices.sync(self.dev)
+
+    def record(self, out) -> None:
+        """The step's history row (after the update: its loss, accuracy and lr)."""
+        out, y, value = out
+        loss_value = value.item() if self.host else value.detach()
+        accuracy = predictions(out.detach(), y).to(self.dtype).mean()
+        self.rows.train.append((self.step, self.epoch, loss_value, accuracy, self.sched.lr))
+        self.step += 1
+
+    def check(self, out, epoch_end: bool) -> str | None:
+        self.record(out)
+        last = self.rows.train[-1][2]
+        if self.host:
+            finite = math.isfinite(last)
+        elif self.step % self.check_every == 0 or epoch_end:
+            recent = torch.stack([r[2] for r in self.rows.train[-self.check_every :]])
+            finite = bool(torch.isfinite(recent).all())
+        else:
+            finite = True
+        if finite:
+            return None
+        return (
+            f"{self.where}: training loss became NaN/inf by step {self.step} (epoch {self.epoch}); lower "
+            "train.lr, or set train.on_nan: record to end such runs as diverged and go on"
+        )
+
+    def end_epoch(self, epoch: int) -> dict:
+        metrics = self.measure(self.step, epoch + 1)
+        Schedule.apply(self.optimizer, self.sched.end_epoch(epoch, metrics))
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "info": self.info,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["schedule"])
+        Schedule.apply(self.optimizer, self.sched.lr)
+        self.step, self.epoch = state["step"], state["epoch"]
+
+
+class _Segments:
+    """Engine callback: with every saved state, the history (and trace) rows since the last one
+    go to ``segments/{step}.npz`` (a scheduled save's also carries its manifest entry)."""
+
+    def __init__(self, paths: RunPaths, task: RunTask, trace):
+        self.paths, self.task, self.trace = paths, task, trace
+
+    def on_start(self, run) -> None:
+        self.drop_after(-1)
+
+    def on_resume(self, run) -> None:
+        self.drop_after(run.step)
+
+    def drop_after(self, step: int) -> None:
+        folder = self.paths.segments
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if f.name.startswith(".") or int(f.stem) > step:
+                    f.unlink()
+
+    def on_save(self, run, metrics: dict, resume_only: bool) -> None:
+        entry = None
+        if not resume_only:
+            entry = {
+                "step": run.step,
+                "epoch": run.epoch,
+                "file": str(self.paths.checkpoint(run.step).relative_to(self.paths.root)),
+                "metrics": metrics,
+            }
+        self.write(run.step, entry)
+
+    def write(self, step: int, entry: dict | None = None) -> None:
+        seg = self.task.rows.segment()
+        if entry is not None:
+            seg["checkpoint"] = np.array(json.dumps(entry))
+        if self.trace is not None:
+            seg.update({f"t_{k}": v for k, v in self.trace.flush().items()})
+        with io.atomic_path(self.paths.segment(step)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **seg)
+
+
 def train_run(
     root,
     hparams: dict,
@@ -136,19 +274,17 @@ def train_run(
 ) -> dict:
     """Train (or resume) the run described by ``hparams`` into directory ``root``.
 
-    ``callbacks``: objects with optional methods ``on_epoch_start(epoch, model, optimizer,
-    seed)``, called before the first batch of every epoch (also when a resumed run restarts at an
-    epoch boundary; never again for an epoch whose first batch is already in a checkpoint), and
-    ``on_resume(epoch, batch, model, optimizer, seed)``, called once after a checkpoint at
-    (``epoch``, ``batch``) was loaded, so a science (e.g. teleportation) can act on the model and
-    optimizer state in place, reproducibly.
+    The loop is :class:`pipeline.train.engine.Engine` over a :class:`RunTask`; ``callbacks`` are
+    engine callbacks (hooks ``on_epoch_start(run)``, ``on_resume(run)``, ``before_update(run)``,
+    ... with the model and optimizer on ``run.task``), e.g. teleportation's. The mechanics trace
+    (``train.mechanics``) is one of them.
     """
     paths = RunPaths(Path(root))
     torch.set_num_threads(threads)
     h = TrainHparams(**hparams["train"])
     c = CheckpointHparams(**hparams["checkpoints"])
     d = DatasetHparams(**hparams["dataset"])
-    seed, fp = hparams["seed"], run_fingerprint(hparams)
+    seed = hparams["seed"]
     dev = devices.resolve(device)
     dtype = DTYPES[h.dtype]
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -161,170 +297,49 @@ def train_run(
     ).to(dev)
     model.train()
     optimizer = make_optimizer(model.named_parameters(), h)
-    sched = Schedule(h)
-    loss = loss_fn(h.loss)
-    info = _model_info(model, data)
+    task = RunTask(
+        model,
+        optimizer,
+        Schedule(h),
+        loss_fn(h.loss),
+        data,
+        h,
+        seed,
+        dev,
+        _model_info(model, data),
+        where=str(paths.root),
+    )
     trace = (
         MechanicsTrace(model, neuron_structure(model, data.input_shape), optimizer, h)
-        if (h.mechanics)
+        if h.mechanics
         else None
     )
-    per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
-    if per_epoch == 0 and h.epochs:
+    if task.steps_per_epoch == 0 and h.epochs:
         raise ValueError(
             f"train.batch_size {h.batch_size} exceeds the {len(data.train)} training examples "
             "(with drop_last)"
         )
-    total = per_epoch * h.epochs
-    to_save = checkpoint_steps(c, per_epoch, h.epochs)
-    rows = _Rows()
-
-    def measure(step, epoch) -> dict:
-        metrics = {}
-        for split, part in data.eval_splits().items():
-            lo, ac = evaluate(model, part, loss, h.eval_batch_size)
-            metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = lo, ac
-            rows.add_eval((step, epoch, SPLITS.index(split), lo, ac, sched.lr))
-        return metrics
-
-    resume_only: list[Path] = []  # resume-only checkpoints still on disk
-
-    def save(step, epoch, batch, metrics, for_resume=False):
-        """Write a segment and a checkpoint; ``for_resume``: one outside the manifest."""
-        seg = rows.segment()
-        if not for_resume:
-            seg["checkpoint"] = np.array(
-                json.dumps(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "file": str(paths.checkpoint(step).relative_to(paths.root)),
-                        "metrics": metrics,
-                    }
-                )
-            )
-        if trace is not None:
-            seg.update({f"t_{k}": v for k, v in trace.flush().items()})
-        with io.atomic_path(paths.segment(step)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **seg)
-        io.save_torch(
-            paths.checkpoint(step),
-            {
-                "step": step,
-                "epoch": epoch,
-                "batch": batch,
-                "fingerprint": fp,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": sched.state_dict(),
-                "metrics": metrics,
-                "info": info,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
-                },
-                "resume_only": for_resume,
-            },
-        )
-        for old in resume_only:  # superseded by the checkpoint just written
-            old.unlink(missing_ok=True)
-        resume_only[:] = [paths.checkpoint(step)] if for_resume else []
-        if c.keep_last:
-            kept = [f for f in sorted(paths.checkpoints.glob("step*.pt")) if f not in resume_only]
-            for old in kept[: -c.keep_last]:
-                old.unlink()
-
-    step, epoch, batch, resumed_from = _resume(paths, fp, model, optimizer, sched, dev)
-    if resumed_from is not None:
-        resume_only.append(resumed_from)
-    if step is not None:
-        for cb in callbacks:
-            if hasattr(cb, "on_resume"):
-                cb.on_resume(epoch, batch, model, optimizer, seed)
-    else:
-        step, epoch, batch = 0, 0, 0
-        torch.manual_seed(seeding.derive(seed, "train"))  # dropout & co.; a resume restores it
-        if 0 in to_save:
-            save(0, 0, 0, measure(0, 0))
-    Schedule.apply(optimizer, sched.lr)
-
-    status, started, first = "completed", time.perf_counter(), step
-    # on the CPU reading the loss costs nothing; on accelerators it syncs, so check in batches
-    host = dev.type == "cpu"
-    check_every = 1 if host else 25
-    bar = _progress(total, step, paths.root, progress)
-    stop = StopRequest().install()
-    try:
-        while epoch < h.epochs and status == "completed":
-            if batch == 0:
-                for cb in callbacks:
-                    if hasattr(cb, "on_epoch_start"):
-                        cb.on_epoch_start(epoch, model, optimizer, seed)
-            batches = data.train.train_batches(
-                h.batch_size, h.drop_last, seed, epoch, batch, h.augment
-            )
-            for x, y in batches:
-                optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                value = loss(out, y)
-                value.backward()
-                if trace is not None:
-                    trace.before_step()
-                optimizer.step()
-                if trace is not None:
-                    trace.after_step(sched.lr)
-                if devices.is_xla(dev):
-                    devices.sync(dev)
-                loss_value = value.item() if host else value.detach()
-                rows.train.append(
-                    (
-                        step,
-                        epoch,
-                        loss_value,
-                        predictions(out.detach(), y).to(dtype).mean(),
-                        sched.lr,
-                    )
-                )
-                step, batch = step + 1, batch + 1
-                bar.update(1)
-                if host:
-                    finite = math.isfinite(loss_value)
-                elif step % check_every == 0 or batch == per_epoch:
-                    finite = bool(
-                        torch.isfinite(torch.stack([r[2] for r in rows.train[-check_every:]])).all()
-                    )
-                else:
-                    finite = True
-                if not finite:
-                    status = _diverged(h, paths, step, epoch)
-                    break
-                if batch == per_epoch:
-                    metrics = measure(step, epoch + 1)
-                    Schedule.apply(optimizer, sched.end_epoch(epoch, metrics))
-                    epoch, batch = epoch + 1, 0
-                    if step in to_save:
-                        save(step, epoch, batch, metrics)
-                elif step in to_save:
-                    save(step, epoch, batch, {})
-                if stop and step < total:
-                    if step not in to_save:
-                        save(step, epoch, batch, {}, for_resume=True)
-                    raise stop.error(f"at step {step} of {paths.root} (checkpoint written)")
-    finally:
-        stop.restore()
-        bar.close()
-    for old in resume_only:  # a diverged run ends without a further checkpoint
-        old.unlink(missing_ok=True)
-    if status == "diverged":
-        seg = rows.segment()
-        if trace is not None:
-            seg.update({f"t_{k}": v for k, v in trace.flush().items()})
-        with io.atomic_path(paths.segment(step)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **seg)
+    segments = _Segments(paths, task, trace)
+    run = Engine(
+        task,
+        h.epochs,
+        store=ResumeStore(paths.checkpoints, c.keep_last),
+        save_steps=checkpoint_steps(c, task.steps_per_epoch, h.epochs),
+        callbacks=(segments, *callbacks, *([trace] if trace is not None else [])),
+        fingerprint=run_fingerprint(hparams),
+        rng_seed=seeding.derive(seed, "train"),  # dropout & co.; a resume restores it
+        on_nan=h.on_nan,
+        where=str(paths.root),
+        progress=progress,
+    )
+    started = time.perf_counter()
+    run.run()
     elapsed = time.perf_counter() - started
-    return _finish(paths, model, trace, status, step, epoch, elapsed, step - first)
+    if run.status == "diverged":  # the rows since the last checkpoint
+        segments.write(run.step)
+    return _finish(
+        paths, model, trace, run.status, run.step, run.epoch, elapsed, run.step - run.first_step
+    )
 
 
 def _model_info(model, data) -> dict:
@@ -342,79 +357,6 @@ def _model_info(model, data) -> dict:
         "param_names": [n for n, _ in model.named_parameters()],
         "structure": neurons,
     }
-
-
-def _progress(total, initial, root, enabled):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=str(root),
-        file=sys.stderr,
-        mininterval=2.0,
-        disable=not enabled,
-        unit="step",
-    )
-
-
-def _diverged(h: TrainHparams, paths: RunPaths, step: int, epoch: int) -> str:
-    message = (
-        f"{paths.root}: training loss became NaN/inf by step {step} (epoch {epoch}); lower "
-        "train.lr, or set train.on_nan: record to end such runs as diverged and go on"
-    )
-    if h.on_nan == "error":
-        raise TrainingDiverged(message)
-    log.warning(message)
-    return "diverged"
-
-
-def _resume(paths: RunPaths, fp: str, model, optimizer, sched, dev):
-    """Load the newest valid checkpoint; drop later segments. ``(None, ...)`` if none.
-
-    Returns ``(step, epoch, batch, path)``; ``path`` is the checkpoint's file if it was written
-    for resuming only (the run deletes it at its next checkpoint), else ``None``."""
-    found = (
-        sorted(paths.checkpoints.glob("step*.pt"), reverse=True)
-        if paths.checkpoints.is_dir()
-        else []
-    )
-    for path in found:
-        try:
-            state = io.load_torch(path)
-        except io.ArtifactError as err:
-            log.warning("skipping unusable checkpoint: %s", err)
-            path.unlink()
-            continue
-        if state.get("fingerprint") != fp:
-            log.warning(
-                "%s: checkpoints were written for other hyperparameters; starting over", paths.root
-            )
-            break
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step = state["step"]
-        _drop_after(paths, step)
-        log.info("resuming %s from step %d", paths.root, step)
-        return step, state["epoch"], state["batch"], path if state.get("resume_only") else None
-    _drop_after(paths, -1)
-    return None, 0, 0, None
-
-
-def _drop_after(paths: RunPaths, step: int) -> None:
-    """Delete checkpoints and segments past ``step``, and half-written files of a killed write."""
-    for folder, pattern in ((paths.checkpoints, "step*.pt"), (paths.segments, "*.npz")):
-        if folder.is_dir():
-            for f in folder.iterdir():
-                if f.name.startswith("."):  # io.atomic_path's temporary, never renamed
-                    f.unlink()
-            for f in folder.glob(pattern):
-                if int(f.stem.removeprefix("step")) > step:
-                    f.unlink()
 
 
 def _load_segments(paths: RunPaths) -> tuple[dict[str, np.ndarray], list[dict]]:

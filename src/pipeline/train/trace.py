@@ -116,6 +116,13 @@ class MechanicsTrace:
             torch.sub(self._before, u, out=u).div_(lr)
             self.rows["u2"].append(self.plan_u())
 
+    # engine hooks (:mod:`pipeline.train.engine`): the trace is a callback of the run's loop
+    def before_update(self, run) -> None:
+        self.before_step()
+
+    def after_update(self, run, out) -> None:
+        self.after_step(run.task.lr)
+
     def flush(self) -> dict[str, np.ndarray]:
         """The rows since the last flush, as host arrays ``[steps, columns]``."""
         out = {}
