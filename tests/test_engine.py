@@ -134,7 +134,9 @@ def _engine(tmp_path, epochs, every, keep_last=0, callbacks=(), **task):
     keep_last=st.integers(0, 2),
     seed=st.integers(0, 2**16),
 )
-def test_a_stopped_run_resumes_bit_identical(tmp_path_factory, epochs, every, stop, keep_last, seed):
+def test_a_stopped_run_resumes_bit_identical(
+    tmp_path_factory, epochs, every, stop, keep_last, seed
+):
     """Stop at a drawn step (a resume-only state when it falls between saves), run again: the
     weights, the optimizer, the callback's state and the end-of-epoch calls equal an
     uninterrupted run's; no resume-only state is left; keep_last holds."""

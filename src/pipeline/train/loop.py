@@ -196,8 +196,9 @@ class RunTask:
         if finite:
             return None
         return (
-            f"{self.where}: training loss became NaN/inf by step {self.step} (epoch {self.epoch}); lower "
-            "train.lr, or set train.on_nan: record to end such runs as diverged and go on"
+            f"{self.where}: training loss became NaN/inf by step {self.step} "
+            f"(epoch {self.epoch}); lower train.lr, or set train.on_nan: record to end such "
+            "runs as diverged and go on"
         )
 
     def end_epoch(self, epoch: int) -> dict:
