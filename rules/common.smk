@@ -12,6 +12,7 @@ from pipeline.config import ConfigError, Plan  # noqa: E402
 from pipeline.metrics import register_metric  # noqa: E402
 from pipeline.fingerprint import CodeError, Untracked, code_fingerprint, strings  # noqa: E402
 from pipeline.registry import source_constant  # noqa: E402
+from pipeline.layout import RUN_FILES, declared, run_dir, run_file, run_outputs  # noqa: E402
 
 try:
     PLAN = Plan.from_config(config)
@@ -92,16 +93,10 @@ def all_targets():
     return [f"results/{fig}.pdf" for fig in FIGURES] + tables + ["results/claims.parquet"]
 
 
-def run_dir(study, run):
-    return f"results/{study}/runs/{run}"
-
-
 def run_files(study):
     """The declared outputs of a run of ``study`` (file names in its directory)."""
-    files = ["final.pt", "history.parquet", "hparams.json", "checkpoints.json", "summary.json"]
-    if PLAN.study(study).get("train", {}).get("mechanics", False):
-        files.append("trace.h5")
-    return files
+    traced = PLAN.study(study).get("train", {}).get("mechanics", False)
+    return [RUN_FILES[name] for name in declared(traced)]
 
 
 def _chunks(study):
@@ -239,11 +234,11 @@ def cache_inputs(wildcards):
     """The files the metric declares it needs (``@register_metric(name, needs=...)``)."""
     study, runs = wildcards.study, PLAN.runs[wildcards.study]
     needs = metric_needs(wildcards.metric)
-    inputs = {"summary": [f"{run_dir(study, r.name)}/summary.json" for r in runs]}
+    inputs = {"summary": [run_file(study, r.name, "summary") for r in runs]}
     if "extract" in needs:
         inputs["extract"] = [f"results/{study}/extract/{r.name}.h5" for r in runs]
     if "trace" in needs and study in TRACED:
-        inputs["trace"] = [f"{run_dir(study, r.name)}/trace.h5" for r in runs]
+        inputs["trace"] = [run_file(study, r.name, "trace") for r in runs]
     return inputs
 
 
@@ -286,12 +281,12 @@ def run_dirs(study):
 
 def grid_inputs(wildcards):
     dirs = run_dirs(wildcards.study).values()
-    return [f"{d}/{f}" for d in dirs for f in ("summary.json", "history.parquet")]
+    return [f"{d}/{RUN_FILES[f]}" for d in dirs for f in ("summary", "history")]
 
 
 def interpolation_inputs(wildcards):
     dirs = list(run_dirs(wildcards.study).values())[:2]
-    return [f"{d}/final.pt" for d in dirs]
+    return [f"{d}/{RUN_FILES['final']}" for d in dirs]
 
 
 # -- modelsym: zoos, features, alignment, stitching --------------------------------------------
@@ -406,7 +401,7 @@ def teacher_inputs(wildcards):
     teacher = resolved_teacher(wildcards)
     if teacher.get("kind") != "run":
         return []
-    return [f"{teacher['run_dir']}/final.pt", f"{teacher['run_dir']}/hparams.json"]
+    return [f"{teacher['run_dir']}/{RUN_FILES[f]}" for f in ("final", "hparams")]
 
 
 def recovery_collect_inputs(wildcards):

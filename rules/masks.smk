@@ -5,8 +5,8 @@ MASK_TABLES = source_constant("pipeline.masks.study", "TABLES")
 
 rule masks_train:
     input:
-        final="results/{study}/runs/{run}/final.pt",
-        hparams="results/{study}/runs/{run}/hparams.json",
+        final=run_file("{study}", "{run}", "final"),
+        hparams=run_file("{study}", "{run}", "hparams"),
     output:
         directory("results/{study}/masks/{run}/stages"),
     log:
@@ -34,7 +34,7 @@ rule masks_train:
 rule masks_analyse:
     input:
         stages="results/{study}/masks/{run}/stages",
-        final="results/{study}/runs/{run}/final.pt",
+        final=run_file("{study}", "{run}", "final"),
     output:
         directory("results/{study}/masks/{run}/tables"),
     log:

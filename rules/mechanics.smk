@@ -5,8 +5,8 @@
 
 rule extract:
     input:
-        manifest="results/{study}/runs/{run}/checkpoints.json",
-        hparams="results/{study}/runs/{run}/hparams.json",
+        manifest=run_file("{study}", "{run}", "manifest"),
+        hparams=run_file("{study}", "{run}", "hparams"),
     output:
         "results/{study}/extract/{run}.h5",
     log:

@@ -37,8 +37,8 @@ for study, zoo, chunk, seeds in ZOO_CHUNKS:
 
 rule zoo_select:
     input:
-        manifest="results/{study}/runs/zoo~{zoo}/seed~{seed}/checkpoints.json",
-        final="results/{study}/runs/zoo~{zoo}/seed~{seed}/final.pt",
+        manifest=run_file("{study}", "zoo~{zoo}/seed~{seed}", "manifest"),
+        final=run_file("{study}", "zoo~{zoo}/seed~{seed}", "final"),
     output:
         "results/{study}/zoo/{zoo}/selected/seed~{seed}.pt",
     log:

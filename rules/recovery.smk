@@ -124,7 +124,7 @@ rule recovery_lottery:
 
 rule prune:
     input:
-        final="results/{study}/runs/{run}/final.pt",
+        final=run_file("{study}", "{run}", "final"),
     output:
         "results/{study}/prune/{run}/{strategy}/lottery.parquet",
     log:

@@ -5,11 +5,7 @@
 
 rule train:
     output:
-        final="results/{study}/runs/{run}/final.pt",
-        history="results/{study}/runs/{run}/history.parquet",
-        hparams="results/{study}/runs/{run}/hparams.json",
-        manifest="results/{study}/runs/{run}/checkpoints.json",
-        summary="results/{study}/runs/{run}/summary.json",
+        **run_outputs("{study}", "{run}"),
     log:
         "results/{study}/logs/train/{run}.log",
     benchmark:
@@ -35,12 +31,7 @@ rule train:
 
 use rule train as train_traced with:
     output:
-        final="results/{study}/runs/{run}/final.pt",
-        history="results/{study}/runs/{run}/history.parquet",
-        hparams="results/{study}/runs/{run}/hparams.json",
-        manifest="results/{study}/runs/{run}/checkpoints.json",
-        summary="results/{study}/runs/{run}/summary.json",
-        trace="results/{study}/runs/{run}/trace.h5",
+        **run_outputs("{study}", "{run}", traced=True),
     wildcard_constraints:
         study=_alternatives(MECHANICS),
 

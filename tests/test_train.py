@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import io
+from pipeline import io, layout
 from pipeline.config import CheckpointHparams, TrainHparams, expand_runs
+from pipeline.layout import RUN_FILES
 from pipeline.train.loop import TrainingDiverged, train_run
 from pipeline.train.optim import Schedule
 from pipeline.train.schedule import checkpoint_steps
@@ -81,6 +82,9 @@ def test_run_outputs(tmp_path):
     assert [e["step"] for e in manifest] == [0, 40, 80, 84]
     assert manifest[0]["metrics"]["test_accuracy"] < 0.3 < manifest[-1]["metrics"]["test_accuracy"]
     assert json.loads((run / "hparams.json").read_text())["train"]["lr"] == 0.05
+    # what the run wrote is what pipeline.layout declares (the rules' outputs), plus resume state
+    declared = {RUN_FILES[n] for n in layout.declared(traced=True)}
+    assert {p.name for p in run.iterdir()} == declared | {"checkpoints", "segments"}
 
 
 def test_nan_stops_with_clear_error_or_is_recorded(tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import io
+from pipeline.layout import RunPaths
 
 
 def _chunks(shape, itemsize, t):
@@ -74,11 +75,11 @@ def extract_run(run_dir: str | Path, out: str | Path) -> Path:
     """Write the HDF5 time series of the run in ``run_dir`` to ``out`` (atomically)."""
     import torch
 
-    run_dir, out = Path(run_dir), Path(out)
-    manifest = io.read_json(run_dir / "checkpoints.json")
-    hparams = io.read_json(run_dir / "hparams.json")
+    paths, out = RunPaths(Path(run_dir)), Path(out)
+    manifest = io.read_json(paths.manifest)
+    hparams = io.read_json(paths.hparams)
     if not manifest:
-        raise io.ArtifactError(f"{run_dir / 'checkpoints.json'}: lists no checkpoints")
+        raise io.ArtifactError(f"{paths.manifest}: lists no checkpoints")
     manifest = sorted(manifest, key=lambda e: e["step"])
     T = len(manifest)
     metric_names = sorted({k for e in manifest for k in e["metrics"]})
@@ -96,7 +97,7 @@ def extract_run(run_dir: str | Path, out: str | Path) -> Path:
         writer = _BufferedWriter(f, T)
         names = None
         for i, entry in enumerate(manifest):
-            state = io.load_torch(run_dir / entry["file"])
+            state = io.load_torch(paths.root / entry["file"])
             if names is None:
                 info = state["info"]
                 names = info["param_names"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import io
+from pipeline.layout import RunPaths
 from pipeline.registry import Registry
 from pipeline.train.loop import train_run
 
@@ -41,7 +42,7 @@ def train(root, hparams: dict, code: str | None = None, **kwargs) -> dict:
 
         code = code_fingerprint(TRAIN_CODE, hparams)
     summary["code"] = str(code)
-    io.write_json(Path(root) / "summary.json", summary)
+    io.write_json(RunPaths(Path(root)).summary, summary)
     return summary
 
 

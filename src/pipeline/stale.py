@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline import io
 from pipeline.config import Plan, load
 from pipeline.fingerprint import code_fingerprint
+from pipeline.layout import run_file
 from pipeline.registry import source_constant
 from pipeline.zoo import study as zoo_study
 
@@ -53,9 +54,8 @@ def stale_jobs(plan: Plan, root: str | Path = ".") -> list[Stale]:
         if spec.get("rerun_on_code_change", True):
             continue
         for run in runs:
-            run_dir = f"results/{name}/runs/{run.name}"
-            summary = root / run_dir / "summary.json"
-            found = _check(summary, f"{run_dir}/final.pt", train_code, run.hparams)
+            summary = root / run_file(name, run.name, "summary")
+            found = _check(summary, run_file(name, run.name, "final"), train_code, run.hparams)
             out += [found] if found else []
         for zoo, block in spec.get("zoos", {}).items():
             if not block.get("vectorised", False):

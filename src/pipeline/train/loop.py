@@ -1,23 +1,14 @@
-"""The training loop: one run from its hyperparameters to its files, resumable after a kill.
+"""The training loop of a run: one model from its hyperparameters to its run directory
+(:mod:`pipeline.layout`), resumable after a kill.
 
-Layout of a run directory (``results/{study}/runs/{run}/``)::
-
-    hparams.json        every hyperparameter, resolved (declared output)
-    summary.json        status (completed / diverged), final metrics, speed (declared output)
-    final.pt            final weights (declared output)
-    history.parquet     per-step train loss/accuracy/lr and per-epoch eval metrics (declared)
-    checkpoints.json    the checkpoint manifest extract reads (declared output)
-    trace.h5            per-step mechanics trace, when asked for (declared output)
-    checkpoints/        step*.pt: weights, optimizer, schedule, RNG state, step (resume state)
-    segments/           *.npz: history and trace rows up to each checkpoint (resume state)
-
-Snakemake deletes declared outputs before it re-runs a job, never ``checkpoints/`` or
-``segments/``: a re-run finds the newest valid checkpoint, drops segments after it, and goes on.
-A job asked to stop (SIGTERM, see :mod:`pipeline.train.stop`) writes a *resume-only*
-checkpoint at the step it reached, outside the manifest, and exits; the resumed run deletes it
-at its next scheduled checkpoint, so the outputs equal an uninterrupted run's.
-Each epoch's batch order derives from ``(seed, epoch)`` and dropout's RNG state is checkpointed,
-so with a fixed thread count a resumed CPU run ends bit-identical to an uninterrupted one.
+The loop is the engine's (:mod:`pipeline.train.engine`) over a :class:`RunTask`. Resume states
+are ``checkpoints/step*.pt``; with every state, the history (and trace) rows since the last one go
+to ``segments/``. A re-run finds the newest valid checkpoint, drops segments after it, and goes
+on. A job asked to stop (SIGTERM, see :mod:`pipeline.train.stop`) writes a *resume-only*
+checkpoint at the step it reached, outside the manifest, and exits; the resumed run deletes it at
+its next scheduled checkpoint, so the outputs equal an uninterrupted run's. Each epoch's batch
+order derives from ``(seed, epoch)`` and dropout's RNG state is checkpointed, so with a fixed
+thread count a resumed CPU run ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,7 +17,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +25,7 @@ import torch
 from pipeline import devices, io, seeding
 from pipeline.config import CheckpointHparams, DatasetHparams, TrainHparams, run_fingerprint
 from pipeline.data import load as load_data
+from pipeline.layout import RunPaths
 from pipeline.models import build, neuron_structure
 from pipeline.train.engine import Engine, ResumeStore
 from pipeline.train.engine import TrainingDiverged as TrainingDiverged  # re-exported
@@ -45,32 +36,6 @@ from pipeline.train.trace import MechanicsTrace
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    def __getattr__(self, name):
-        files = {
-            "hparams": "hparams.json",
-            "summary": "summary.json",
-            "final": "final.pt",
-            "history": "history.parquet",
-            "manifest": "checkpoints.json",
-            "trace": "trace.h5",
-            "checkpoints": "checkpoints",
-            "segments": "segments",
-        }
-        if name in files:
-            return self.root / files[name]
-        raise AttributeError(name)
-
-    def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"step{step:09d}.pt"
-
-    def segment(self, step: int) -> Path:
-        return self.segments / f"{step:09d}.npz"
 
 
 @torch.no_grad()
