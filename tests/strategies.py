@@ -29,7 +29,7 @@ from hypothesis import assume, note
 from hypothesis import strategies as st
 
 from pipeline.models import build, register_model
-from pipeline.models.activations import FACTORIES
+from pipeline.models.activations import NAMES
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 THOROUGH = PROFILE == "thorough"
@@ -88,7 +88,7 @@ OPTIONS = {
     "num_init_features": _ints(4, 8),
     "bn_size": _ints(2, 4),
     "stem": lambda d, big: st.sampled_from(STEMS),
-    "activation": lambda d, big: st.sampled_from(sorted(FACTORIES)),
+    "activation": lambda d, big: st.sampled_from(sorted(NAMES)),
     "batch_norm": lambda d, big: st.booleans(),
     "bias": lambda d, big: st.booleans(),
     "constant_width": lambda d, big: st.booleans(),

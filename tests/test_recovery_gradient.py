@@ -9,7 +9,7 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 from strategies import examples
 
-from pipeline.models.activations import FACTORIES
+from pipeline.models.activations import NAMES
 from pipeline.recovery.chain import Chain, StackedMSE, flatten, forward, init_stack, unflatten
 
 F64 = torch.float64
@@ -24,7 +24,7 @@ def test_stacked_mse_gradient_equals_autograd(data):
         data.draw(st.integers(1, 6), label="input"),
         widths,
         data.draw(st.integers(1, 3), label="outputs"),
-        data.draw(st.sampled_from(sorted(FACTORIES)), label="activation"),
+        data.draw(st.sampled_from(sorted(NAMES)), label="activation"),
         data.draw(st.booleans(), label="bias"),
         data.draw(st.sets(st.integers(1, depth)), label="skips"),
     )

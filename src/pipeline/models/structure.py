@@ -61,19 +61,7 @@ import json
 import operator
 from dataclasses import asdict, dataclass, field
 
-#: What each activation allows. homogeneous: sigma(a x) = a sigma(x) for a > 0 (positive
-#: rescaling is a symmetry); odd: sigma(-x) = -sigma(x) (sign flips are a symmetry).
-ACTIVATIONS = {
-    "identity": {"homogeneous": True, "odd": True},
-    "relu": {"homogeneous": True, "odd": False},
-    "leaky_relu": {"homogeneous": True, "odd": False},
-    "tanh": {"homogeneous": False, "odd": True},
-    "sigmoid": {"homogeneous": False, "odd": False},
-    "gelu": {"homogeneous": False, "odd": False},
-    "softplus": {"homogeneous": False, "odd": False},
-    "elu": {"homogeneous": False, "odd": False},
-    "silu": {"homogeneous": False, "odd": False},
-}
+from pipeline.models import activations
 
 
 @dataclass(frozen=True)
@@ -158,13 +146,13 @@ class NeuronGroup:
     def homogeneous(self) -> bool:
         """Positive rescaling (incoming x a, outgoing / a, ``normalised_by`` x a**power) leaves
         the function unchanged (with ``normalised_by``: up to BatchNorm's eps)."""
-        return ACTIVATIONS[self.activation]["homogeneous"]
+        return activations.get(self.activation).homogeneous
 
     @property
     def odd(self) -> bool:
         """Sign flips (incoming x -1, outgoing x -1) leave the function unchanged (not when a
         max-pool or a downstream BatchNorm reads the neurons)."""
-        return ACTIVATIONS[self.activation]["odd"] and not self.max_pool and not self.normalised_by
+        return activations.get(self.activation).odd and not self.max_pool and not self.normalised_by
 
 
 @dataclass(frozen=True)
@@ -224,10 +212,6 @@ class NeuronStructure:
 # -- derivation from a torch.fx trace -----------------------------------------------------------
 class StructureError(ValueError):
     """The model contains an operation the structure derivation does not understand."""
-
-
-#: Activations with sigma(0) = 0: zero channels (from channel padding) stay zero through them.
-_ZERO_AT_ZERO = frozenset({"identity", "relu", "leaky_relu", "tanh", "gelu", "elu", "silu"})
 
 
 @dataclass
@@ -291,14 +275,6 @@ def _classify_module(mod) -> tuple[str, str | None]:
     table = [
         ((nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d), "linear", None),
         ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "norm", None),
-        ((nn.ReLU,), "act", "relu"),
-        ((nn.LeakyReLU,), "act", "leaky_relu"),
-        ((nn.Tanh,), "act", "tanh"),
-        ((nn.Sigmoid,), "act", "sigmoid"),
-        ((nn.GELU,), "act", "gelu"),
-        ((nn.Softplus,), "act", "softplus"),
-        ((nn.ELU,), "act", "elu"),
-        ((nn.SiLU,), "act", "silu"),
         ((nn.Identity,), "pass", None),
         ((nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d), "maxpool", None),
         (
@@ -316,6 +292,9 @@ def _classify_module(mod) -> tuple[str, str | None]:
         ),
         ((nn.Flatten,), "flatten", None),
     ]
+    for cls, act in activations.module_types().items():
+        if isinstance(mod, cls):
+            return "act", act
     for types, kind, act in table:
         if isinstance(mod, types):
             if kind == "linear" and getattr(mod, "groups", 1) != 1:
@@ -323,7 +302,7 @@ def _classify_module(mod) -> tuple[str, str | None]:
             return kind, act
     # registered activations defined in pipeline.models.activations carry their name
     name = getattr(mod, "activation_name", None)
-    if name in ACTIVATIONS:
+    if name in activations.TABLE:
         return "act", name
     raise StructureError(f"module type {type(mod).__name__} is not understood")
 
@@ -333,17 +312,6 @@ def _classify_function(target) -> tuple[str, str | None]:
     import torch.nn.functional as F
 
     table = {
-        F.relu: ("act", "relu"),
-        torch.relu: ("act", "relu"),
-        F.leaky_relu: ("act", "leaky_relu"),
-        torch.tanh: ("act", "tanh"),
-        F.tanh: ("act", "tanh"),
-        torch.sigmoid: ("act", "sigmoid"),
-        F.sigmoid: ("act", "sigmoid"),
-        F.gelu: ("act", "gelu"),
-        F.softplus: ("act", "softplus"),
-        F.elu: ("act", "elu"),
-        F.silu: ("act", "silu"),
         F.max_pool2d: ("maxpool", None),
         F.adaptive_max_pool2d: ("maxpool", None),
         F.avg_pool2d: ("pass", None),
@@ -362,13 +330,14 @@ def _classify_function(target) -> tuple[str, str | None]:
     }
     if target in table:
         return table[target]
+    act = activations.function_targets().get(target)
+    if act is not None:
+        return "act", act
     raise StructureError(f"function {getattr(target, '__name__', target)} is not understood")
 
 
 _METHODS = {
-    "relu": ("act", "relu"),
-    "tanh": ("act", "tanh"),
-    "sigmoid": ("act", "sigmoid"),
+    **{m: ("act", name) for m, name in activations.method_names().items()},
     "flatten": ("flatten", None),
     "view": ("flatten", None),
     "reshape": ("flatten", None),
@@ -558,7 +527,7 @@ class _Trace:
     def activation(self, node, layout, kind, act, where):
         for seg in layout:
             if seg.space is None:
-                if kind == "act" and act not in _ZERO_AT_ZERO:
+                if kind == "act" and not activations.get(act).zero_at_zero:
                     raise StructureError(
                         f"{where}: {act} of zero-padded channels is not "
                         "understood (it does not map 0 to 0)"

@@ -63,6 +63,7 @@ import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from pipeline.models import activations
 from pipeline.recovery.students import FitHparams, checked_keys
 
 
@@ -76,17 +77,8 @@ class Symmetry:
         return self.sign is not None
 
 
-SYMMETRIES = {
-    "relu": Symmetry(True, "even_linear"),
-    "leaky_relu": Symmetry(True, "even_linear"),
-    "identity": Symmetry(True, "odd"),
-    "tanh": Symmetry(False, "odd"),
-    "sigmoid": Symmetry(False, "odd_constant"),
-    "softplus": Symmetry(False, "even_linear"),
-    "gelu": Symmetry(False, "even_linear"),
-    "silu": Symmetry(False, "even_linear"),
-    "elu": Symmetry(False, None),
-}
+#: from the activation table: positive scaling where it is homogeneous, its sign class
+SYMMETRIES = {name: Symmetry(a.homogeneous, a.sign) for name, a in activations.TABLE.items()}
 
 
 def symmetry_of(activation: str) -> Symmetry:

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.models import activations
 from pipeline.models.reductions import per_neuron
-from pipeline.models.structure import ACTIVATIONS, Branch, NeuronStructure
+from pipeline.models.structure import Branch, NeuronStructure
 from pipeline.symmetry.actions import slice_factor
 
 SAMPLINGS = ("intra_landscape", "inter_landscape", "centered", "positive", "negative")
@@ -137,13 +138,13 @@ def identity(structure: NeuronStructure) -> ChangeOfBasis:
 
 def symmetric(activation: str, tau: torch.Tensor) -> torch.Tensor:
     """Per neuron: is ``tau * sigma(x / tau) == sigma(x)`` for every ``x``?"""
-    props = ACTIVATIONS[activation]
+    props = activations.get(activation)
     ok = torch.zeros_like(tau, dtype=torch.bool)
-    if props["homogeneous"]:
+    if props.homogeneous:
         ok |= tau > 0
-    if props["odd"]:
+    if props.odd:
         ok |= tau.abs() == 1
-    if props["homogeneous"] and props["odd"]:
+    if props.homogeneous and props.odd:
         ok |= torch.ones_like(ok)
     return ok
 

@@ -21,29 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-ACTIVATION_MODULES = {
-    nn.ReLU: "relu",
-    nn.LeakyReLU: "leaky_relu",
-    nn.Tanh: "tanh",
-    nn.Sigmoid: "sigmoid",
-    nn.GELU: "gelu",
-    nn.Softplus: "softplus",
-    nn.ELU: "elu",
-    nn.SiLU: "silu",
-}
-ACTIVATION_FUNCTIONS = {
-    F.relu: "relu",
-    torch.relu: "relu",
-    F.leaky_relu: "leaky_relu",
-    torch.tanh: "tanh",
-    torch.sigmoid: "sigmoid",
-    F.gelu: "gelu",
-    F.softplus: "softplus",
-    F.elu: "elu",
-    F.silu: "silu",
-}
+from pipeline.models import activations
+
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -77,15 +57,15 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
 def _activation(node, modules) -> str | None:
     if node.op == "call_module":
         mod = modules[node.target]
-        for cls, name in ACTIVATION_MODULES.items():
-            if type(mod) is cls:
-                return name
+        name = activations.module_types().get(type(mod))
+        if name is not None:
+            return name
         named = getattr(mod, "activation_name", None)
         return named if isinstance(named, str) else None
     if node.op == "call_function":
-        return ACTIVATION_FUNCTIONS.get(node.target)
-    if node.op == "call_method" and node.target in ("relu", "tanh", "sigmoid"):
-        return node.target
+        return activations.function_targets().get(node.target)
+    if node.op == "call_method":
+        return activations.method_names().get(node.target)
     return None
 
 
