@@ -380,6 +380,53 @@ def test_rotation_transforms_and_control(member):
     ).all()
 
 
+@pytest.mark.parametrize("draw", range(2))
+def test_rotation_retraining_keeps_the_validation_best_state(member, draw):
+    """``retrain_above`` equals a plain loop over the same batches that keeps the state of the
+    best validation accuracy (epoch 0 = the inserted model, first of equals), bit for bit."""
+    import copy
+    import random
+
+    from pipeline.stitching.rotation import GROUPS, retrain_above
+    from pipeline.train.optim import SGD, Adam, multi_head_ce
+
+    rng = random.Random(draw)
+    layer = rng.choice(["fc1", "fc2"])
+    name, lr = rng.choice([("adam", 1e-2), ("sgd", 0.05)])
+    epochs, batch, wd = rng.randint(2, 3), rng.choice([32, 128]), rng.choice([0.0, 1e-3])
+    width = {"fc1": 24, "fc2": 16}[layer]
+    t = random_transform(rng.choice(GROUPS), width, torch.Generator().manual_seed(draw))
+    gm = insert_transform(_mlp_member(member), layer, t)
+    ref = copy.deepcopy(gm)
+    data = digits()
+    result = retrain_above(gm, data, epochs, lr, name, wd, batch, seed=draw)
+
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = (
+        Adam(params, lr=lr, weight_decay=wd)
+        if name == "adam"
+        else SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    )
+    scores, states = [evaluate_model(ref, data.val)], [copy.deepcopy(ref.state_dict())]
+    for epoch in range(epochs):
+        ref.train()
+        for frozen in gm.frozen:  # (a deep copy of a GraphModule drops the attribute)
+            ref.get_submodule(frozen).eval()
+        for x, y in data.train.train_batches(batch, True, draw, epoch):
+            opt.zero_grad(set_to_none=True)
+            multi_head_ce(ref(x), y).backward()
+            opt.step()
+        scores.append(evaluate_model(ref, data.val))
+        states.append(copy.deepcopy(ref.state_dict()))
+    accuracies = [acc for _, acc in scores]
+    best = accuracies.index(max(accuracies))
+    assert (result["epoch"], result["val_loss"], result["val_accuracy"]) == (best, *scores[best])
+    ref.load_state_dict(states[best])
+    assert (result["test_loss"], result["test_accuracy"]) == evaluate_model(ref, data.test)
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in ref.state_dict().items())
+    assert len(set(accuracies)) > 1  # the retraining moved the model
+
+
 def test_stitching_figures_draw_from_the_tables(member, tmp_path):
     import pandas as pd
 

@@ -18,6 +18,7 @@ import torch
 from pipeline import io
 from pipeline.config import expand_runs
 from pipeline.models import build, neuron_structure
+from pipeline.train.engine import ResumeStore, TrainingDiverged
 from pipeline.train.loop import train_run
 from pipeline.zoo.features import FeatureFile, extract_features
 from pipeline.zoo.layers import activation_layers
@@ -90,8 +91,8 @@ def test_checkpoints_are_selected_on_validation(zoo):
 
 
 class Kill:
-    def on_epoch_end(self, epoch, zoo):
-        if epoch == 2:
+    def on_epoch_end(self, run):
+        if run.epoch == 2:
             raise KeyboardInterrupt
 
 
@@ -114,8 +115,8 @@ import json, sys
 from pipeline.zoo.train import train_zoo
 
 class Announce:  # tells the test an epoch ended, so it signals a job in progress
-    def on_epoch_end(self, epoch, zoo):
-        print(f"epoch {epoch}", flush=True)
+    def on_epoch_end(self, run):
+        print(f"epoch {run.epoch}", flush=True)
 
 train_zoo(sys.argv[1], json.load(open(sys.argv[2])), [3, 8], callbacks=(Announce(),))
 """
@@ -140,7 +141,7 @@ def test_sigterm_stops_a_zoo_job_that_resumes_bit_identically(zoo, tmp_path):
             break
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and re.search(r"TrainingStopped: stopped by SIGTERM", err), err
-    state = io.load_torch(job / ".resume" / "state.pt")
+    state = io.load_torch(ResumeStore(job / ".resume").files()[-1])
     assert state["epoch"] == 1 or (state["epoch"], state["batch"]) == (2, 0)  # during epoch 2
     assert not (job / "seed~3.pt").exists()
     train_zoo(job, hparams(), [3, 8])
@@ -167,6 +168,17 @@ def test_unvectorisable_models_are_refused(tmp_path, model, message):
 def test_zoo_needs_a_validation_split(tmp_path):
     with pytest.raises(ValueError, match="val_fraction"):
         train_zoo(tmp_path, hparams(dataset={"name": "digits", "val_fraction": 0.0}), [0])
+
+
+def test_a_diverging_zoo_stops_with_an_error_naming_its_seeds(tmp_path):
+    study = {
+        **STUDY,
+        "model": {"name": "mlp", "widths": [8]},
+        "train": {"optimizer": "sgd", "lr": 1e6, "loss": "mse", "epochs": 2},
+    }
+    with pytest.raises(TrainingDiverged, match=r"in epoch 0 for seeds \[5, 2\]; lower train.lr"):
+        train_zoo(tmp_path, expand_runs("nan", study)[0].hparams, [5, 2])
+    assert not list(tmp_path.glob("seed~*.pt"))
 
 
 def test_select_checkpoint_of_a_batch_norm_run(tmp_path):

@@ -30,6 +30,7 @@ from torch.fx import GraphModule
 from pipeline import seeding
 from pipeline.alignment.matching import evaluate_model
 from pipeline.stitching.layers import apply_channels
+from pipeline.train.engine import Engine
 from pipeline.train.optim import SGD, Adam, multi_head_ce
 from pipeline.zoo.layers import LayerError, trace
 
@@ -111,6 +112,52 @@ def _set_training(gm: GraphModule, training: bool) -> None:
         gm.get_submodule(name).eval()
 
 
+class RetrainTask:
+    """The modules above the fixed map, retrained (an engine task,
+    :class:`pipeline.train.engine.Task`): per batch the multi-head cross-entropy of ``gm``
+    (frozen modules in eval mode) and one optimizer step on the unfrozen parameters; per epoch
+    the validation loss/accuracy, keeping the state of the best validation accuracy (first of
+    equals; ``best``, epoch 0 = before retraining). No resume state: the control is short and
+    restarts from the member."""
+
+    def __init__(self, gm: GraphModule, data, lr, optimizer, wd, batch_size, seed, eval_batch_size):
+        self.gm, self.data, self.batch_size, self.seed = gm, data, batch_size, seed
+        self.eval_batch_size = eval_batch_size
+        params = [p for p in gm.parameters() if p.requires_grad]
+        if optimizer == "adam":
+            self.opt = Adam(params, lr=lr, weight_decay=wd)
+        elif optimizer == "sgd":
+            self.opt = SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+        else:
+            raise ValueError(f"rotation optimizer {optimizer!r} not allowed; allowed: adam, sgd")
+        self.steps_per_epoch = data.train.num_batches(batch_size, True)
+        self.best = {**self._scored(0), "state": copy.deepcopy(gm.state_dict())}
+
+    def _scored(self, epoch: int) -> dict:
+        val_loss, val_acc = evaluate_model(self.gm, self.data.val, self.eval_batch_size)
+        return {"val_accuracy": val_acc, "val_loss": val_loss, "epoch": epoch}
+
+    def batches(self, epoch: int, start: int):
+        _set_training(self.gm, True)
+        return self.data.train.train_batches(self.batch_size, True, self.seed, epoch, start)
+
+    def forward_backward(self, batch) -> torch.Tensor:
+        x, y = batch
+        self.opt.zero_grad(set_to_none=True)
+        loss = multi_head_ce(self.gm(x), y)
+        loss.backward()
+        return loss
+
+    def update(self) -> None:
+        self.opt.step()
+
+    def end_epoch(self, epoch: int) -> dict:
+        scored = self._scored(epoch + 1)
+        if scored["val_accuracy"] > self.best["val_accuracy"]:
+            self.best = {**scored, "state": copy.deepcopy(self.gm.state_dict())}
+        return {k: scored[k] for k in ("val_loss", "val_accuracy")}
+
+
 def retrain_above(
     gm: GraphModule,
     data,
@@ -122,35 +169,12 @@ def retrain_above(
     seed: int,
     eval_batch_size: int = 1024,
 ) -> dict:
-    """Retrain the unfrozen parameters; the validation-best state's val/test metrics."""
-    params = [p for p in gm.parameters() if p.requires_grad]
-    if optimizer == "adam":
-        opt = Adam(params, lr=lr, weight_decay=wd)
-    elif optimizer == "sgd":
-        opt = SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
-    else:
-        raise ValueError(f"rotation optimizer {optimizer!r} not allowed; allowed: adam, sgd")
-    val_loss, val_acc = evaluate_model(gm, data.val, eval_batch_size)
-    best = {
-        "val_accuracy": val_acc,
-        "val_loss": val_loss,
-        "epoch": 0,
-        "state": copy.deepcopy(gm.state_dict()),
-    }
-    for epoch in range(epochs):
-        _set_training(gm, True)
-        for x, y in data.train.train_batches(batch_size, True, seed, epoch):
-            opt.zero_grad(set_to_none=True)
-            multi_head_ce(gm(x), y).backward()
-            opt.step()
-        val_loss, val_acc = evaluate_model(gm, data.val, eval_batch_size)
-        if val_acc > best["val_accuracy"]:
-            best = {
-                "val_accuracy": val_acc,
-                "val_loss": val_loss,
-                "epoch": epoch + 1,
-                "state": copy.deepcopy(gm.state_dict()),
-            }
+    """Retrain the unfrozen parameters (:class:`RetrainTask` on the engine); the
+    validation-best state's val/test metrics."""
+    task = RetrainTask(gm, data, lr, optimizer, wd, batch_size, seed, eval_batch_size)
+    # a train split smaller than one batch: no updates, the epoch-0 state stays the best
+    Engine(task, epochs if task.steps_per_epoch else 0, where="rotation control").run()
+    best = dict(task.best)
     gm.load_state_dict(best.pop("state"))
     test_loss, test_acc = evaluate_model(gm, data.test, eval_batch_size)
     return {**best, "test_loss": test_loss, "test_accuracy": test_acc}

@@ -16,11 +16,15 @@ Limits (clear errors): no BatchNorm (running statistics are per-member mutable s
 active dropout, no plateau schedule (the learning rate is shared). Those models train as
 ordinary runs and become members through :func:`pipeline.zoo.members.select_checkpoint`.
 
+The training is a :class:`ZooTask` on the one engine (:mod:`pipeline.train.engine`): the step is
+the vmapped loss of all members; the epoch end evaluates, selects and steps the schedule.
+
 Outputs in ``out_dir``: ``seed~{s}.pt`` (member files), ``history.parquet`` (seed, epoch, split,
-loss, accuracy, lr), ``summary.json``; resume state in ``out_dir/.resume/state.pt`` (written every
-epoch, never a declared output), so a killed job goes on from its last finished epoch. A job
-asked to stop (SIGTERM, see :mod:`pipeline.train.stop`) writes it at the batch it reached and
-exits; the resumed job ends bit-identical (on the CPU) to an uninterrupted one.
+loss, accuracy, lr), ``summary.json``; resume state in ``out_dir/.resume/`` (the engine's format,
+written at every epoch end, only the newest kept, never a declared output), so a killed job goes
+on from its last finished epoch. A job asked to stop (SIGTERM, see :mod:`pipeline.train.stop`)
+writes it at the batch it reached and exits; the resumed job ends bit-identical (on the CPU) to an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from pipeline.config import DatasetHparams, TrainHparams, run_fingerprint
 from pipeline.data import load as load_data
 from pipeline.data.tensors import TensorData, augment
 from pipeline.models import build
+from pipeline.train.engine import Engine, ResumeStore
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
-from pipeline.train.stop import StopRequest
 from pipeline.zoo.members import save_member
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -133,6 +137,149 @@ def _batches(train: TensorData, seeds, batch_size, drop_last, epoch, augment_ima
         yield x, train.y[idx]
 
 
+class ZooTask:
+    """A vectorised zoo as an engine task (:class:`pipeline.train.engine.Task`).
+
+    Step: the sum over members of their mean batch losses (``vmap`` over the stacked
+    parameters), one optimizer step for all; per-member training loss/accuracy summed over the
+    epoch's batches (``[K]`` float64). Epoch end: the history rows (the epoch's mean training
+    numbers, then every evaluation split per member), the validation-best parameters per member
+    (``best``, first of equals), the schedule's next learning rate. ``check``: at an epoch end,
+    the seeds whose summed training loss is not finite.
+    """
+
+    def __init__(self, zoo: Zoo, data, h: TrainHparams, seeds: list[int], where: str):
+        self.zoo, self.data, self.h, self.seeds, self.where = zoo, data, h, seeds, where
+        self.optimizer = make_optimizer(zoo.params, h)
+        self.sched = Schedule(h)
+        self.loss = loss_fn(h.loss)
+        self.steps_per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"train.batch_size {h.batch_size} exceeds the {len(data.train)} "
+                "training examples (with drop_last)"
+            )
+        K = zoo.size
+        self.device = data.train.x.device
+        self.best = {k: v.detach().clone() for k, v in zoo.params.items()}
+        self.best_acc = np.full(K, -np.inf)
+        self.best_epoch = np.zeros(K, dtype=np.int64)
+        self.best_metrics = [dict() for _ in range(K)]
+        self.rows: list[tuple] = []  # (member, epoch, split, loss, accuracy, lr)
+        # per-member sums over the epoch's batches
+        self.train_loss = torch.zeros(K, dtype=torch.float64, device=self.device)
+        self.train_correct = torch.zeros(K, dtype=torch.float64, device=self.device)
+        self.epoch, self.seconds, self._started = 0, 0.0, None
+        Schedule.apply(self.optimizer, self.sched.lr)
+
+    def batches(self, epoch: int, start: int):
+        self.epoch, self._started = epoch, time.perf_counter()
+        if start == 0:
+            self.train_loss.zero_()
+            self.train_correct.zero_()
+        h = self.h
+        return _batches(
+            self.data.train, self.seeds, h.batch_size, h.drop_last, epoch, h.augment, start
+        )
+
+    def forward_backward(self, batch) -> torch.Tensor:
+        x, y = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.zoo.forward(self.zoo.params, x)
+        losses = vmap(self.loss)(out, y)
+        losses.sum().backward()
+        with torch.no_grad():
+            self.train_loss += losses.detach().double()
+            self.train_correct += vmap(predictions)(out.detach(), y).double().mean(1)
+        return losses.detach()
+
+    def update(self) -> None:
+        self.optimizer.step()
+
+    def check(self, out, epoch_end: bool) -> str | None:
+        if not epoch_end or torch.isfinite(self.train_loss).all():
+            return None
+        finite = torch.isfinite(self.train_loss).tolist()
+        bad = [s for s, ok in zip(self.seeds, finite, strict=True) if not ok]
+        return (
+            f"{self.where}: training loss became NaN/inf in epoch {self.epoch} "
+            f"for seeds {bad}; lower train.lr"
+        )
+
+    def end_epoch(self, epoch: int) -> dict:
+        zoo, K, per_epoch, lr = self.zoo, self.zoo.size, self.steps_per_epoch, self.sched.lr
+        for k in range(K):
+            self.rows.append(
+                (
+                    k,
+                    epoch + 1,
+                    0,
+                    float(self.train_loss[k]) / per_epoch,
+                    float(self.train_correct[k]) / per_epoch,
+                    lr,
+                )
+            )
+        metrics = {}
+        for split, part in self.data.eval_splits().items():
+            lo, ac = evaluate_zoo(zoo, zoo.params, part, self.loss, self.h.eval_batch_size)
+            metrics[split] = (lo, ac)
+            self.rows += [(k, epoch + 1, SPLITS.index(split), lo[k], ac[k], lr) for k in range(K)]
+        val_acc = metrics["val"][1]
+        improved = val_acc > self.best_acc
+        with torch.no_grad():
+            mask = torch.as_tensor(improved, device=self.device)
+            for n, p in zoo.params.items():
+                shaped = mask.reshape(-1, *[1] * (p.ndim - 1))
+                self.best[n] = torch.where(shaped, p.detach(), self.best[n])
+        for k in np.flatnonzero(improved):
+            self.best_acc[k], self.best_epoch[k] = val_acc[k], epoch + 1
+            self.best_metrics[k] = {
+                f"{s}_{m}": float(metrics[s][i][k])
+                for s in metrics
+                for i, m in enumerate(("loss", "accuracy"))
+            }
+        Schedule.apply(self.optimizer, self.sched.end_epoch(epoch, {}))
+        self.seconds += time.perf_counter() - self._started
+        self._started = None
+        return {
+            f"{s}_{m}": [float(v) for v in metrics[s][i]]
+            for s in metrics
+            for i, m in enumerate(("loss", "accuracy"))
+        }
+
+    def state_dict(self) -> dict:
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return {
+            "seconds": self.seconds + running,
+            "params": {k: v.detach() for k, v in self.zoo.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "best": self.best,
+            "best_acc": torch.as_tensor(self.best_acc),
+            "best_epoch": torch.as_tensor(self.best_epoch),
+            "best_metrics": self.best_metrics,
+            "rows": torch.tensor(self.rows, dtype=torch.float64),
+            "train_loss": self.train_loss,
+            "train_correct": self.train_correct,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, v in state["params"].items():
+                self.zoo.params[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["schedule"])
+        self.best = {k: v.to(self.device, copy=True) for k, v in state["best"].items()}
+        self.best_acc = state["best_acc"].numpy()
+        self.best_epoch = state["best_epoch"].numpy()
+        self.best_metrics = state["best_metrics"]
+        self.rows = [tuple(r) for r in state["rows"].tolist()]
+        self.seconds = state["seconds"]
+        self.train_loss.copy_(state["train_loss"])
+        self.train_correct.copy_(state["train_correct"])
+        Schedule.apply(self.optimizer, self.sched.lr)
+
+
 def train_zoo(
     out_dir,
     hparams: dict,
@@ -144,8 +291,9 @@ def train_zoo(
 ) -> dict:
     """Train one member per seed of the run ``hparams`` (its ``seed`` is ignored) into ``out_dir``.
 
-    ``callbacks``: objects with an optional ``on_epoch_end(epoch, zoo)`` method, called after an
-    epoch's resume state is written. Returns the summary (also written to ``summary.json``).
+    ``callbacks``: engine callbacks (:mod:`pipeline.train.engine`), e.g. ``on_epoch_end(run)``,
+    called after an epoch's resume state is written (the zoo: ``run.task.zoo``). Returns the
+    summary (also written to ``summary.json``).
     """
     from pipeline import devices
 
@@ -179,154 +327,31 @@ def train_zoo(
         build(name, data.input_shape, data.num_outputs, options, s, dtype).to(dev) for s in seeds
     ]
     check_vectorisable(models[0], name)
-    zoo = Zoo(models, data.input_shape)
-    optimizer = make_optimizer(zoo.params, h)
-    sched = Schedule(h)
-    loss = loss_fn(h.loss)
-    per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
-    if per_epoch == 0:
-        raise ValueError(
-            f"train.batch_size {h.batch_size} exceeds the {len(data.train)} "
-            "training examples (with drop_last)"
-        )
-
-    K = len(seeds)
-    fingerprint = run_fingerprint({**hparams, "seed": None, "zoo_seeds": seeds})
-    resume = out_dir / ".resume" / "state.pt"
-    best = {k: v.detach().clone() for k, v in zoo.params.items()}
-    best_acc = np.full(K, -np.inf)
-    best_epoch = np.zeros(K, dtype=np.int64)
-    best_metrics = [dict() for _ in range(K)]
-    rows: list[tuple] = []  # (member, epoch, split, loss, accuracy, lr)
-    epoch, batch, seconds = 0, 0, 0.0
-    train_loss = torch.zeros(K, dtype=torch.float64, device=dev)  # sums over the epoch's batches
-    train_correct = torch.zeros(K, dtype=torch.float64, device=dev)
-    if resume.is_file():
-        state = io.load_torch(resume, map_location=dev)
-        if state.get("fingerprint") == fingerprint:
-            with torch.no_grad():
-                for k, v in state["params"].items():
-                    zoo.params[k].copy_(v)
-            optimizer.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["schedule"])
-            best = {k: v.clone() for k, v in state["best"].items()}
-            best_acc, best_epoch = state["best_acc"].numpy(), state["best_epoch"].numpy()
-            best_metrics = state["best_metrics"]
-            rows = [tuple(r) for r in state["rows"].tolist()]
-            epoch, seconds = state["epoch"], state["seconds"]
-            batch = state.get("batch", 0)
-            if batch:
-                train_loss.copy_(state["train_loss"])
-                train_correct.copy_(state["train_correct"])
-    Schedule.apply(optimizer, sched.lr)
-
-    def save_state():
-        io.save_torch(
-            resume,
-            {
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "batch": batch,
-                "seconds": seconds,
-                "params": {k: v.detach() for k, v in zoo.params.items()},
-                "optimizer": optimizer.state_dict(),
-                "schedule": sched.state_dict(),
-                "best": best,
-                "best_acc": torch.as_tensor(best_acc),
-                "best_epoch": torch.as_tensor(best_epoch),
-                "best_metrics": best_metrics,
-                "rows": torch.tensor(rows, dtype=torch.float64),
-                "train_loss": train_loss,
-                "train_correct": train_correct,
-            },
-        )
-
-    stop = StopRequest().install()
-    try:
-        while epoch < h.epochs:
-            started = time.perf_counter()
-            if batch == 0:
-                train_loss.zero_()
-                train_correct.zero_()
-            for x, y in _batches(
-                data.train, seeds, h.batch_size, h.drop_last, epoch, h.augment, batch
-            ):
-                optimizer.zero_grad(set_to_none=True)
-                out = zoo.forward(zoo.params, x)
-                losses = vmap(loss)(out, y)
-                losses.sum().backward()
-                optimizer.step()
-                with torch.no_grad():
-                    train_loss += losses.detach().double()
-                    train_correct += vmap(predictions)(out.detach(), y).double().mean(1)
-                batch += 1
-                if stop and batch < per_epoch:
-                    seconds += time.perf_counter() - started
-                    save_state()
-                    raise stop.error(
-                        f"in epoch {epoch} at batch {batch} of {out_dir} (state saved)"
-                    )
-            if not torch.isfinite(train_loss).all():
-                finite = torch.isfinite(train_loss).tolist()
-                bad = [s for s, ok in zip(seeds, finite, strict=True) if not ok]
-                raise FloatingPointError(
-                    f"{out_dir}: training loss became NaN/inf in epoch {epoch} "
-                    f"for seeds {bad}; lower train.lr"
-                )
-            lr = sched.lr
-            for k in range(K):
-                rows.append(
-                    (
-                        k,
-                        epoch + 1,
-                        0,
-                        float(train_loss[k]) / per_epoch,
-                        float(train_correct[k]) / per_epoch,
-                        lr,
-                    )
-                )
-            metrics = {}
-            for split, part in data.eval_splits().items():
-                lo, ac = evaluate_zoo(zoo, zoo.params, part, loss, h.eval_batch_size)
-                metrics[split] = (lo, ac)
-                rows += [(k, epoch + 1, SPLITS.index(split), lo[k], ac[k], lr) for k in range(K)]
-            val_acc = metrics["val"][1]
-            improved = val_acc > best_acc
-            with torch.no_grad():
-                for n, p in zoo.params.items():
-                    mask = torch.as_tensor(improved, device=dev).reshape(-1, *[1] * (p.ndim - 1))
-                    best[n] = torch.where(mask, p.detach(), best[n])
-            for k in np.flatnonzero(improved):
-                best_acc[k], best_epoch[k] = val_acc[k], epoch + 1
-                best_metrics[k] = {
-                    f"{s}_{m}": float(metrics[s][i][k])
-                    for s in metrics
-                    for i, m in enumerate(("loss", "accuracy"))
-                }
-            Schedule.apply(optimizer, sched.end_epoch(epoch, {}))
-            epoch, batch = epoch + 1, 0
-            seconds += time.perf_counter() - started
-            save_state()
-            for cb in callbacks:
-                if hasattr(cb, "on_epoch_end"):
-                    cb.on_epoch_end(epoch, zoo)
-            if stop and epoch < h.epochs:
-                raise stop.error(f"after epoch {epoch} of {out_dir} (state saved)")
-    finally:
-        stop.restore()
+    task = ZooTask(Zoo(models, data.input_shape), data, h, seeds, str(out_dir))
+    per_epoch = task.steps_per_epoch
+    Engine(
+        task,
+        h.epochs,
+        store=ResumeStore(out_dir / ".resume", keep_last=1),
+        save_steps=range(per_epoch, per_epoch * h.epochs + 1, per_epoch),
+        callbacks=callbacks,
+        fingerprint=run_fingerprint({**hparams, "seed": None, "zoo_seeds": seeds}),
+        on_nan="error",
+        where=str(out_dir),
+    ).run()
     return _finish(
         out_dir,
-        zoo,
-        best,
+        task.zoo,
+        task.best,
         hparams,
         seeds,
         data,
-        best_epoch,
-        best_metrics,
-        rows,
+        task.best_epoch,
+        task.best_metrics,
+        task.rows,
         per_epoch,
         h,
-        seconds,
+        task.seconds,
     )
 
 
