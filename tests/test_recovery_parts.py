@@ -210,6 +210,9 @@ def test_a_stopped_fit_saves_and_resumes_bit_identically(tmp_path, monkeypatch, 
     assert resumed.history.equals(reference.history)
     assert resumed.status == reference.status
     assert [f.name for f in ResumeStore(state).files()] == ["step000000080.pt"]  # epoch 20
+    never = FitHparams(**{**h.__dict__, "checkpoint_every": 0})
+    with pytest.raises(ValueError, match="fit.checkpoint_every"):
+        fit(chain, params, data, never, seed=3, resume=tmp_path / "other")
 
 
 def test_distances_by_matrix_products_equal_pdist():
