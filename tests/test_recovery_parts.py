@@ -5,6 +5,7 @@ and the exact collapse of duplicated, scaled and sign-flipped neurons."""
 from __future__ import annotations
 
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
+from pipeline import io
 from pipeline.models import build
 from pipeline.recovery import students as students_module
 from pipeline.recovery.chain import Chain, chain_of, forward, init_stack, member, stack
@@ -25,6 +27,8 @@ from pipeline.recovery.cluster import (
 from pipeline.recovery.collapse import fold_constant_inputs, merge_twins, reconstruct
 from pipeline.recovery.students import FitHparams, FitResult, StackedPlateau, fit
 from pipeline.recovery.teachers import ProbeData, ToyTeacher, make_toy_teacher, probe
+from pipeline.train.engine import ResumeStore
+from pipeline.train.stop import TrainingStopped
 
 F64 = torch.float64
 
@@ -158,16 +162,57 @@ def test_a_killed_fit_resumes_bit_identically(tmp_path, monkeypatch):
         return original(self, loss)
 
     monkeypatch.setattr(StackedPlateau, "update", dies_at_25)
-    state = tmp_path / "resume.pt"
+    state = tmp_path / "resume"
     with pytest.raises(KeyboardInterrupt):
         fit(chain, params, data, h, seed=2, resume=state)
     monkeypatch.setattr(StackedPlateau, "update", original)
-    assert students_module.io.load_torch(state)["epoch"] == 20
+    (saved,) = ResumeStore(state).files()  # keep_last=1: the newest scheduled state
+    assert io.load_torch(saved)["epoch"] == 20
     resumed = fit(chain, params, data, h, seed=2, resume=state)
     for k in reference.params:
         assert torch.equal(resumed.params[k], reference.params[k])
     assert resumed.history.equals(reference.history)
     assert resumed.status == reference.status
+
+
+@pytest.mark.parametrize("stop_at", [4 * 13 + 2, 4 * 7])  # mid-epoch; an unscheduled epoch end
+def test_a_stopped_fit_saves_and_resumes_bit_identically(tmp_path, monkeypatch, stop_at):
+    """SIGTERM during a fit: the engine saves a resume-only state (mid-epoch: with the epoch's
+    loss sum so far) and raises; running it again ends as an uninterrupted fit."""
+    teacher, t_params = make_toy_teacher(ToyTeacher(3, (2,), "tanh", seed=6))
+    data = toy_data(teacher, t_params, 64)
+    chain = Chain(3, (6,), 1, "tanh")
+    params = init_stack(chain, 3, seed=2)
+    h = FitHparams(
+        lr=1e-2, batch_size=16, max_epochs=24, checkpoint_every=10, log_every=1, plateau_patience=1
+    )
+    reference = fit(chain, params, data, h, seed=3, keep_epoch=16)
+    original = students_module.StudentsTask.forward_backward
+    calls = {"n": 0}
+
+    def signalled(self, batch):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(students_module.StudentsTask, "forward_backward", signalled)
+    state = tmp_path / "resume"
+    with pytest.raises(TrainingStopped):
+        fit(chain, params, data, h, seed=3, resume=state, keep_epoch=16)
+    monkeypatch.setattr(students_module.StudentsTask, "forward_backward", original)
+    saved = io.load_torch(ResumeStore(state).files()[-1])
+    assert saved["resume_only"] and saved["step"] == stop_at
+    resumed = fit(chain, params, data, h, seed=3, resume=state, keep_epoch=16)
+    for k in reference.params:
+        assert torch.equal(resumed.params[k], reference.params[k])
+        assert torch.equal(resumed.kept[k], reference.kept[k])
+    assert resumed.history.equals(reference.history)
+    assert resumed.status == reference.status
+    assert [f.name for f in ResumeStore(state).files()] == ["step000000080.pt"]  # epoch 20
+    never = FitHparams(**{**h.__dict__, "checkpoint_every": 0})
+    with pytest.raises(ValueError, match="fit.checkpoint_every"):
+        fit(chain, params, data, never, seed=3, resume=tmp_path / "other")
 
 
 def test_distances_by_matrix_products_equal_pdist():

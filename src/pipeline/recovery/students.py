@@ -10,9 +10,13 @@ cooldown, relative threshold, as torch's ``ReduceLROnPlateau``) and stop on its 
 reduction would take its learning rate below ``min_lr`` (its parameters freeze). A student whose
 loss turns NaN/inf is stopped and reported as diverged; the others go on.
 
-Resumable: every ``checkpoint_every`` epochs the buffer, Adam's moments, the schedules and the
-logged rows are saved (``torch.save``; loaded with ``weights_only=True``); the batch order of
-epoch ``e`` derives from ``(seed, e)``, so a resumed fit ends bit-identical on the CPU.
+The Adam fit is a task on the training engine (:class:`StudentsTask` on
+:class:`pipeline.train.engine.Engine`): an epoch is ``n // batch`` minibatch steps, the
+schedules update at its end. Resumable: every ``checkpoint_every`` epochs the engine saves the
+buffer, Adam's moments, the schedules, the logged rows and the kept weights in its one
+resume-state format (a :class:`~pipeline.train.engine.ResumeStore` folder, the newest state
+kept); a stop request (SIGTERM) saves mid-epoch and raises ``TrainingStopped``. The batch order
+of epoch ``e`` derives from ``(seed, e)``, so a resumed fit ends bit-identical on the CPU.
 
 Full-batch L-BFGS (``optimizer: lbfgs``) is the precise end of a fit, where the data are small:
 for one network torch's L-BFGS with a strong Wolfe line search; for a stack, a batched L-BFGS
@@ -37,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import io, seeding
+from pipeline import seeding
 from pipeline.recovery.chain import (
     Chain,
     StackedMSE,
@@ -48,6 +52,7 @@ from pipeline.recovery.chain import (
     unflatten,
 )
 from pipeline.recovery.teachers import ProbeData
+from pipeline.train.engine import Engine, ResumeStore
 
 STATUS = ("converged", "max_epochs", "diverged")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -251,6 +256,104 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class StudentsTask:
+    """The stacked students' step on the training engine (:mod:`pipeline.train.engine`).
+
+    An epoch is ``steps_per_epoch = n // batch`` minibatch steps (a remainder of the data is
+    left out; ``batch = n``: full batch) in the order ``randperm(n)`` drawn from ``(seed,
+    "order", tag, epoch)``; a step is :class:`StackedMSE`'s loss and gradient of the batch
+    (``x [B, d]``, ``y [B, o]``), the gradient times ``grad_mask [N, P]`` and one
+    :class:`StackedAdam` step with the learning rates and active rows the schedule had at the
+    epoch's start. ``end_epoch``: the schedule's update on the epoch-mean losses, a history row
+    per student every ``log_every`` epochs (and at the end), the weights at ``keep_epoch``.
+    ``finished``: no student is active. The resume state carries the buffer, Adam's moments,
+    the schedule, the rows, the kept weights and the epoch's loss sum so far."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        flat: torch.Tensor,
+        data: ProbeData,
+        h: FitHparams,
+        seed: int,
+        tag: str,
+        grad_mask: torch.Tensor | None,
+        lr_scale: torch.Tensor | None,
+        keep_epoch: int | None,
+        start_epoch: int,
+    ):
+        self.chain, self.flat, self.data, self.h = chain, flat, data, h
+        self.seed, self.tag, self.grad_mask, self.lr_scale = seed, tag, grad_mask, lr_scale
+        self.keep_epoch = keep_epoch
+        size = len(data.x)
+        self.size = size
+        self.batch = size if h.batch_size <= 0 else min(h.batch_size, size)
+        self.steps_per_epoch = size // self.batch
+        self.adam = StackedAdam(flat, h.beta1, h.beta2, h.eps)
+        self.sched = StackedPlateau(flat.shape[0], h, flat.dtype, flat.device)
+        self.loss_grad = StackedMSE(chain)
+        self.rows: list[np.ndarray] = []
+        self.total = None  # [N] sum of this epoch's batch losses so far
+        self.kept = _snapshot(chain, flat) if keep_epoch == start_epoch else None
+
+    def batches(self, epoch: int, start: int):
+        data, size, batch = self.data, self.size, self.batch
+        if batch < size:
+            order = torch.randperm(
+                size, generator=seeding.generator(self.seed, "order", self.tag, epoch)
+            )
+            order = order.to(data.x.device)
+        self.lr, self.active = self.sched.tensors()
+        self.all_active = bool(self.sched.active.all())
+        for b in range(start, self.steps_per_epoch):
+            if batch == size:
+                yield data.x, data.y
+            else:
+                idx = order[b * batch : (b + 1) * batch]
+                yield data.x[idx], data.y[idx]
+
+    def forward_backward(self, batch) -> torch.Tensor:
+        per, self.grad = self.loss_grad(self.flat, *batch)
+        if self.grad_mask is not None:
+            self.grad.mul_(self.grad_mask)
+        self.total = per if self.total is None else self.total + per
+        return per
+
+    def update(self) -> None:
+        self.adam.step(self.flat, self.grad, self.lr, self.active, self.lr_scale, self.all_active)
+
+    def end_epoch(self, epoch: int) -> dict:
+        h, sched = self.h, self.sched
+        mean_loss, self.total = self.total / self.steps_per_epoch, None
+        sched.update(mean_loss)
+        done = epoch + 1
+        if done % h.log_every == 0 or not sched.active.any() or done == h.max_epochs:
+            self.rows.append(_log_rows(self.chain, self.flat, self.data, done, mean_loss, sched.lr))
+        if done == self.keep_epoch:
+            self.kept = _snapshot(self.chain, self.flat)
+        return {}
+
+    def finished(self) -> bool:
+        return not self.sched.active.any()
+
+    def state_dict(self) -> dict:
+        return {
+            "flat": self.flat.detach(),
+            "adam": self.adam.state_dict(),
+            "plateau": self.sched.state_dict(),
+            "rows": torch.from_numpy(np.concatenate(self.rows)) if self.rows else None,
+            "kept": self.kept,
+            "epoch_loss": self.total,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.flat.copy_(state["flat"])
+        self.adam.load_state_dict(state["adam"])
+        self.sched.load_state_dict(state["plateau"])
+        self.rows = [] if state["rows"] is None else [state["rows"].numpy()]
+        self.kept, self.total = state["kept"], state["epoch_loss"]
+
+
 def fit(
     chain: Chain,
     params: dict,
@@ -267,16 +370,19 @@ def fit(
     """Fit the stacked networks ``params`` to ``data`` (MSE); see the module docstring.
 
     ``masks``: ``{name: 0/1 tensor like params[name]}`` (pruning): masked entries are zeroed and
-    stay zero. ``resume``: file for the resume state (``None``: no checkpoints). ``start_epoch``:
-    the first epoch's index (its batch order; a rewound lottery level goes on from there).
-    ``keep_epoch``: also return the weights after that many epochs (``FitResult.kept``).
-    ``frozen``: names of parameters that keep their values (zero gradient).
+    stay zero. ``resume``: folder of the resume states (a :class:`ResumeStore`, the newest
+    kept; ``None``: no checkpoints). ``start_epoch``: the first epoch's index (its batch order;
+    a rewound lottery level goes on from there). ``keep_epoch``: also return the weights after
+    that many epochs (``FitResult.kept``). ``frozen``: names of parameters that keep their
+    values (zero gradient).
     """
     if h.optimizer not in ("adam", "lbfgs"):
         raise ValueError(f"fit.optimizer: {h.optimizer!r} not allowed; allowed: adam, lbfgs")
     unknown = set(frozen) - set(chain.shapes())
     if unknown:
         raise KeyError(f"frozen: unknown parameters {sorted(unknown)}")
+    if resume is not None and h.optimizer == "adam" and h.checkpoint_every < 1:
+        raise ValueError(f"fit.checkpoint_every: {h.checkpoint_every} must be at least 1")
     mask_flat = flatten(chain, _full_masks(chain, params, masks)) if masks else None
     grad_mask = _grad_mask(chain, params, mask_flat, frozen)
     if h.optimizer == "lbfgs":
@@ -284,59 +390,42 @@ def fit(
             return _fit_lbfgs(chain, params, data, h, mask_flat, grad_mask)
         return _fit_lbfgs_stack(chain, params, data, h, mask_flat, grad_mask)
     flat = flatten(chain, params).detach().clone()
-    n = flat.shape[0]
     if mask_flat is not None:
-        mask_flat = mask_flat.to(flat.dtype)
-        flat.mul_(mask_flat)
+        flat.mul_(mask_flat.to(flat.dtype))
     lr_scale = _lr_scale(chain, flat, h.skip_lr_factor)
-    adam = StackedAdam(flat, h.beta1, h.beta2, h.eps)
-    sched = StackedPlateau(n, h, flat.dtype, flat.device)
-    rows: list[np.ndarray] = []
-    size = len(data.x)
-    batch = size if h.batch_size <= 0 else min(h.batch_size, size)
-    per_epoch = size // batch
-    key = fingerprint(chain, h, seed, tag, n, size, float(data.y.sum()), masks is not None)
-    epoch, kept = _load(resume, key, flat, adam, sched, rows) if resume else (0, None)
-    epoch = epoch or start_epoch
-    if keep_epoch == epoch:
-        kept = _snapshot(chain, flat)
-    loss_grad = StackedMSE(chain)
-    while epoch < h.max_epochs and sched.active.any():
-        if batch < size:
-            order = torch.randperm(size, generator=seeding.generator(seed, "order", tag, epoch))
-            order = order.to(data.x.device)
-        lr, active = sched.tensors()
-        all_active = bool(sched.active.all())
-        total = None
-        for b in range(per_epoch):
-            if batch == size:
-                xb, yb = data.x, data.y
-            else:
-                idx = order[b * batch : (b + 1) * batch]
-                xb, yb = data.x[idx], data.y[idx]
-            per, grad = loss_grad(flat, xb, yb)
-            if grad_mask is not None:
-                grad.mul_(grad_mask)
-            adam.step(flat, grad, lr, active, lr_scale, all_active)
-            total = per if total is None else total + per
-        mean_loss = total / per_epoch
-        sched.update(mean_loss)
-        epoch += 1
-        if epoch % h.log_every == 0 or not sched.active.any() or epoch == h.max_epochs:
-            rows.append(_log_rows(chain, flat, data, epoch, mean_loss, sched.lr))
-        if resume and epoch % h.checkpoint_every == 0:
-            _save(resume, key, epoch, flat.detach(), adam, sched, rows, kept)
-        if epoch == keep_epoch:
-            kept = _snapshot(chain, flat)
+    task = StudentsTask(
+        chain, flat, data, h, seed, tag, grad_mask, lr_scale, keep_epoch, start_epoch
+    )
+    per_epoch = task.steps_per_epoch
+    store, save_steps = None, ()
+    if resume is not None:
+        store = ResumeStore(Path(resume), keep_last=1)
+        save_steps = range(
+            h.checkpoint_every * per_epoch,
+            h.max_epochs * per_epoch + 1,
+            h.checkpoint_every * per_epoch,
+        )
+    key = fingerprint(
+        chain, h, seed, tag, flat.shape[0], task.size, float(data.y.sum()), masks is not None
+    )
+    run = Engine(
+        task,
+        h.max_epochs,
+        store,
+        save_steps,
+        fingerprint=key,
+        where=f"fit {tag or 'students'}" if resume is None else str(resume),
+        start=(start_epoch, 0, start_epoch * per_epoch),
+    ).run()
     final = _snapshot(chain, flat)
     return FitResult(
         final,
         per_network_mse(chain, final, data.x, data.y),
         per_network_mse(chain, final, data.x_test, data.y_test),
-        [STATUS[i] for i in sched.status.tolist()],
-        epoch,
-        _history(rows),
-        kept,
+        [STATUS[i] for i in task.sched.status.tolist()],
+        run.epoch,
+        _history(task.rows),
+        task.kept,
     )
 
 
@@ -398,41 +487,6 @@ def _history(rows) -> pd.DataFrame:
             "lr": arr[:, 4],
         }
     )
-
-
-def _save(path, key, epoch, flat, adam, sched, rows, kept) -> None:
-    io.save_torch(
-        path,
-        {
-            "fingerprint": key,
-            "epoch": epoch,
-            "flat": flat,
-            "adam": adam.state_dict(),
-            "plateau": sched.state_dict(),
-            "rows": torch.from_numpy(np.concatenate(rows)) if rows else None,
-            "kept": kept,
-        },
-    )
-
-
-def _load(path, key, flat, adam, sched, rows) -> tuple[int, dict | None]:
-    """Restore the resume state in ``path`` if it was written for ``key``: ``(epoch, kept)``."""
-    if not Path(path).is_file():
-        return 0, None
-    try:
-        state = io.load_torch(path)
-    except io.ArtifactError as err:
-        log.warning("ignoring unusable resume state: %s", err)
-        return 0, None
-    if state.get("fingerprint") != key:
-        log.warning("%s: resume state of other hyperparameters; starting over", path)
-        return 0, None
-    flat.copy_(state["flat"])
-    adam.load_state_dict(state["adam"])
-    sched.load_state_dict(state["plateau"])
-    if state["rows"] is not None:
-        rows.append(state["rows"].numpy())
-    return int(state["epoch"]), state["kept"]
 
 
 def _fit_lbfgs(

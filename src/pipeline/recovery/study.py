@@ -108,8 +108,8 @@ def run_expand(
     problem: str = "",
 ) -> dict:
     """Train the students: ``teacher.pt``, ``students.pt`` (stacked parameters in
-    ``expand.dtype``, losses, status), ``students_history.parquet`` in ``out_dir``; resume state
-    in ``out_dir/.resume/students.pt``. The teacher and its probes are float64."""
+    ``expand.dtype``, losses, status), ``students_history.parquet`` in ``out_dir``; resume states
+    in the folder ``out_dir/.resume/students``. The teacher and its probes are float64."""
     from pipeline import devices
 
     torch.set_num_threads(threads)
@@ -118,7 +118,7 @@ def run_expand(
     h = ExpandHparams.from_dict(expand)
     chain, params = make_teacher(teacher, data_dir)
     data = make_probe(chain, params, probe, data_dir).to(dev)
-    s_chain, result = train_students(chain, data, h, out / ".resume" / "students.pt")
+    s_chain, result = train_students(chain, data, h, out / ".resume" / "students")
     save_network(out / "teacher.pt", chain, params)
     save_network(
         out / "students.pt",
