@@ -50,7 +50,7 @@ class Regression:
         self.updates += 1
 
     def check(self, out, epoch_end):
-        return None if torch.isfinite(out) else f"loss {float(out)}"
+        return None if torch.isfinite(out) else f"loss {float(out.detach())}"
 
     def end_epoch(self, epoch):
         self.ends.append(epoch)
@@ -187,6 +187,15 @@ def test_divergence_policy(tmp_path, policy):
         return
     run.run()
     assert (run.status, run.step, task.updates) == ("diverged", 6, 6)
+
+
+def test_a_stop_without_a_store_says_the_job_starts_over_and_empty_epochs_are_refused():
+    task = Regression()
+    with pytest.raises(TrainingStopped, match="at step 3 of toy; run the job again to start"):
+        Engine(task, 2, callbacks=(StopAt(3),), where="toy").run()
+    task.steps_per_epoch = 0
+    with pytest.raises(ValueError, match="toy: an epoch has no batches"):
+        Engine(task, 1, where="toy").run()
 
 
 def test_a_fresh_start_seeds_the_generator(tmp_path):

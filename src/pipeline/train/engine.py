@@ -241,6 +241,8 @@ class Engine:
             if self.store is not None and self.step in self.save_steps:
                 self.save(task.begin() if hasattr(task, "begin") else {})
         per_epoch, total = task.steps_per_epoch, self.total_steps
+        if per_epoch < 1 and self.epoch < self.epochs:
+            raise ValueError(f"{self.where}: an epoch has no batches (steps per epoch {per_epoch})")
         check = getattr(task, "check", None)
         bar = self._bar()
         stop = StopRequest().install()
@@ -273,7 +275,9 @@ class Engine:
                     if epoch_end:
                         _call(cbs, "on_epoch_end", self)
                     if stop and self.step < total:
-                        if self.store is not None and not saved:
+                        if self.store is None:
+                            raise stop.error(f"at step {self.step} of {self.where}", False)
+                        if not saved:
                             self.save({}, resume_only=True)
                         raise stop.error(
                             f"at step {self.step} of {self.where} (checkpoint written)"

@@ -62,10 +62,11 @@ class StopRequest:
     def __bool__(self) -> bool:
         return self.signum is not None
 
-    def error(self, where: str) -> TrainingStopped:
-        """The exception a loop raises after saving: names the signal and what was written."""
+    def error(self, where: str, resumable: bool = True) -> TrainingStopped:
+        """The exception a loop raises after saving: names the signal and what was written
+        (``resumable``: a re-run resumes from a saved state; else it starts over)."""
         name = signal.Signals(self.signum).name if self.signum is not None else "request"
+        again = "resume from there" if resumable else "start it over (it keeps no resume state)"
         return TrainingStopped(
-            f"stopped by {name} {where}; run the job again to resume from there "
-            "(Snakemake's retries do so)"
+            f"stopped by {name} {where}; run the job again to {again} (Snakemake's retries do so)"
         )
