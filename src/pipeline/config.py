@@ -107,9 +107,6 @@ def sections(study: dict | None = None) -> dict[str, type]:
     return out
 
 
-DTYPES = ("float32", "float64")
-
-
 class ConfigError(ValueError):
     """A config problem, with every offending key named."""
 

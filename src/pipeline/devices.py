@@ -1,4 +1,5 @@
-"""The one place where a device name becomes a ``torch.device``.
+"""The one place where a device name becomes a ``torch.device`` and a dtype name a
+``torch.dtype``.
 
 ``cpu`` and ``cuda`` are torch's own; ``xla`` (TPUs, or the CPU PJRT device for tests) imports
 torch-xla only when asked for, so nothing else needs it installed.
@@ -7,6 +8,17 @@ torch-xla only when asked for, so nothing else needs it installed.
 from __future__ import annotations
 
 DEVICES = ("cpu", "cuda", "xla")
+DTYPES = ("float32", "float64")
+
+
+def dtype(name: str, key: str = "dtype"):
+    """``torch.float32`` or ``torch.float64`` for ``name``; ``key`` names the config key in the
+    error for any other value."""
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"{key}: {name!r} not allowed; allowed: {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def resolve(name: str):

@@ -34,10 +34,10 @@ import itertools
 
 import torch
 
+from pipeline import devices
 from pipeline.alignment import layer_pairs, register_similarity, table_rows
 from pipeline.alignment.moments import single_moments, tensor_blocks
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ROWS = 500  # default rows per block (capped by the feature file's budget; 0: the budget alone)
 
 
@@ -162,8 +162,7 @@ def kernel_of(
 
 
 def _cka_table(pair, kind, pairs, rows, channel_chunk, dtype):
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} not allowed; allowed: {', '.join(DTYPES)}")
+    devices.dtype(dtype)  # a clear error for any other name, before any work
     fa, fb = pair.features()
     wanted = layer_pairs(fa, fb, pairs)
     n = len(fa)
@@ -174,7 +173,7 @@ def _cka_table(pair, kind, pairs, rows, channel_chunk, dtype):
         def blocks(start, block_dtype):
             return ff.blocks(layer.name, r, block_dtype, first=start)
 
-        return _kernel(kind, blocks, n, channel_chunk, DTYPES[dtype])
+        return _kernel(kind, blocks, n, channel_chunk, devices.dtype(dtype))
 
     held = {}  # model b's kernels with their HSIC statistics
     for lb in dict.fromkeys(lb for _, lb in wanted):

@@ -44,7 +44,6 @@ from pipeline.masks.transfer import permuted_transfer
 from pipeline.masks.views import subtask_view
 from pipeline.models import build
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STAGE_KEYS = ("subtask", "seed", "keep_output")
 TABLES = (
     "accuracy",
@@ -87,7 +86,7 @@ def load_trained(
     run_dir = Path(run_dir)
     hp = io.read_json(run_dir / "hparams.json")
     dev = devices.resolve(device)
-    dtype = DTYPES[hp["train"]["dtype"]]
+    dtype = devices.dtype(hp["train"]["dtype"], "train.dtype")
     d = hp["dataset"]
     splits = load_data(d["name"], data_dir, d["val_fraction"], d["subset"], dev, dtype)
     options = {k: v for k, v in hp["model"].items() if k != "name"}
@@ -307,7 +306,7 @@ def run_transfer(
     torch.set_num_threads(threads)
     dev = devices.resolve(device)
     d = {"val_fraction": 0.0, "subset": 0, **study["dataset"]}
-    dtype = DTYPES[study.get("train", {}).get("dtype", "float32")]
+    dtype = devices.dtype(study.get("train", {}).get("dtype", "float32"), "train.dtype")
     splits = load_data(d["name"], data_dir, d["val_fraction"], d["subset"], dev, dtype)
     options = {k: v for k, v in study["model"].items() if k != "name"}
 

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import seeding
+from pipeline import devices, seeding
 from pipeline.recovery.chain import (
     Chain,
     StackedMSE,
@@ -55,7 +55,6 @@ from pipeline.recovery.teachers import ProbeData
 from pipeline.train.engine import Engine, ResumeStore
 
 STATUS = ("converged", "max_epochs", "diverged")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 log = logging.getLogger(__name__)
 
 
@@ -102,10 +101,7 @@ class ExpandHparams:
         if polish is not None:
             polish = FitHparams(**checked_keys(FitHparams, polish, f"{where}.polish"))
         h = cls(**checked_keys(cls, raw, where), fit=fit, polish=polish)
-        if h.dtype not in DTYPES:
-            raise ValueError(
-                f"{where}.dtype: {h.dtype!r} not allowed; allowed: {', '.join(DTYPES)}"
-            )
+        devices.dtype(h.dtype, f"{where}.dtype")  # a clear error for any other name
         return h
 
 
@@ -655,7 +651,7 @@ def train_students(
     """Initialise ``h.students`` students (``mlp`` init, student n from ``(seed, n)``) of width
     ``rho`` x the teacher's and fit them in ``h.dtype`` (``h.fit``, then ``h.polish``);
     ``(student chain, result)``."""
-    dtype = DTYPES[h.dtype]
+    dtype = devices.dtype(h.dtype, "expand.dtype")
     chain = student_chain(teacher, h.rho)
     data = data.to(data.x.device, dtype)
     params = init_stack(chain, h.students, h.seed, dtype)

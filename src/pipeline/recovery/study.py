@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline import io, seeding
+from pipeline import devices, io, seeding
 from pipeline.recovery.chain import Chain
 from pipeline.recovery.cluster import ClusterHparams
 from pipeline.recovery.collapse import RecoveryFailed, reconstruct
@@ -35,8 +35,6 @@ from pipeline.recovery.teachers import (
     probe_dataset,
     probe_distribution,
 )
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def make_teacher(spec: dict, data_dir="data", dtype=torch.float64) -> tuple[Chain, dict]:
@@ -110,8 +108,6 @@ def run_expand(
     """Train the students: ``teacher.pt``, ``students.pt`` (stacked parameters in
     ``expand.dtype``, losses, status), ``students_history.parquet`` in ``out_dir``; resume states
     in the folder ``out_dir/.resume/students``. The teacher and its probes are float64."""
-    from pipeline import devices
-
     torch.set_num_threads(threads)
     out = Path(out_dir)
     dev = devices.resolve(device)
@@ -156,8 +152,6 @@ def run_cluster(
     ``recovery.parquet`` and ``finetune_history.parquet`` in ``out_dir``. A failed
     reconstruction (no neuron of a layer survives) is recorded, not raised: its recovery row
     says so."""
-    from pipeline import devices
-
     torch.set_num_threads(threads)
     out, src = Path(out_dir), Path(students_dir)
     dev = devices.resolve(device)
@@ -240,12 +234,11 @@ def run_student_lottery(
 ) -> pd.DataFrame:
     """The students' lottery levels (:func:`pipeline.recovery.lottery.student_lottery`):
     ``level~{L}.pt`` and ``lottery.parquet`` in ``out_dir``."""
-    from pipeline import devices
     from pipeline.recovery.lottery import student_lottery
     from pipeline.train.pruning import LotteryHparams
 
     torch.set_num_threads(threads)
-    chain, params = make_teacher(teacher, data_dir, DTYPES[dtype])
+    chain, params = make_teacher(teacher, data_dir, devices.dtype(dtype))
     data = make_probe(chain, params, probe, data_dir).to(devices.resolve(device))
     h = LotteryHparams(**checked_keys(LotteryHparams, lottery, "lottery"))
     return student_lottery(chain, data, ExpandHparams.from_dict(expand), h, out_dir)

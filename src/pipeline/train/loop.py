@@ -35,7 +35,6 @@ from pipeline.train.trace import MechanicsTrace
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @torch.no_grad()
@@ -95,7 +94,7 @@ class RunTask:
         self.where = where
         self.model, self.optimizer, self.sched, self.loss = model, optimizer, sched, loss
         self.data, self.h, self.seed, self.dev, self.info = data, h, seed, dev, info
-        self.dtype = DTYPES[h.dtype]
+        self.dtype = devices.dtype(h.dtype, "train.dtype")
         self.rows = _Rows()
         self.steps_per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
         self.step, self.epoch = 0, 0
@@ -252,7 +251,7 @@ def train_run(
     d = DatasetHparams(**hparams["dataset"])
     seed = hparams["seed"]
     dev = devices.resolve(device)
-    dtype = DTYPES[h.dtype]
+    dtype = devices.dtype(h.dtype, "train.dtype")
     paths.root.mkdir(parents=True, exist_ok=True)
     io.write_json(paths.hparams, hparams)
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from pipeline import io, seeding
+from pipeline import devices, io, seeding
 from pipeline.config import DatasetHparams, TrainHparams, run_fingerprint
 from pipeline.data import load as load_data
 from pipeline.data.tensors import TensorData, augment
@@ -46,7 +46,6 @@ from pipeline.train.engine import Engine, ResumeStore
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
 from pipeline.zoo.members import save_member
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 SPLITS = ("train", "val", "test")
 
 
@@ -295,8 +294,6 @@ def train_zoo(
     called after an epoch's resume state is written (the zoo: ``run.task.zoo``). Returns the
     summary (also written to ``summary.json``).
     """
-    from pipeline import devices
-
     out_dir = Path(out_dir)
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
@@ -309,7 +306,7 @@ def train_zoo(
             "train.schedule: plateau is per-model; a vectorised zoo needs constant, "
             "step or multistep"
         )
-    dev, dtype = devices.resolve(device), DTYPES[h.dtype]
+    dev, dtype = devices.resolve(device), devices.dtype(h.dtype, "train.dtype")
     data = load_data(d.name, data_dir, d.val_fraction, d.subset, dev, dtype)
     if data.val is None or not len(data.val):
         raise ValueError(
