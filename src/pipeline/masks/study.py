@@ -43,6 +43,7 @@ from pipeline.masks.train import MaskHparams, train_mask
 from pipeline.masks.transfer import permuted_transfer
 from pipeline.masks.views import subtask_view
 from pipeline.models import build
+from pipeline.train.setup import placed_data, run_model
 
 STAGE_KEYS = ("subtask", "seed", "keep_output")
 TABLES = (
@@ -85,19 +86,13 @@ def load_trained(
     """The run's final weights in its model (eval mode), its data, its masked layers."""
     run_dir = Path(run_dir)
     hp = io.read_json(run_dir / "hparams.json")
-    dev = devices.resolve(device)
-    dtype = devices.dtype(hp["train"]["dtype"], "train.dtype")
-    d = hp["dataset"]
-    splits = load_data(d["name"], data_dir, d["val_fraction"], d["subset"], dev, dtype)
-    options = {k: v for k, v in hp["model"].items() if k != "name"}
-    model = build(
-        hp["model"]["name"], splits.input_shape, splits.num_outputs, options, hp["seed"], dtype
-    ).to(dev)
+    dev, dtype, splits = placed_data(hp, device, data_dir)
+    model = run_model(hp, splits, hp["seed"], dtype, dev)
     model.load_state_dict(io.load_torch(run_dir / "final.pt", map_location=dev)["model"])
     model.eval().requires_grad_(False)
     layers = masked_layers(model, splits.input_shape, biases)
     apply_control(model, layers, control)
-    return Trained(model, splits, d["name"], layers)
+    return Trained(model, splits, hp["dataset"]["name"], layers)
 
 
 def _check_stage(name: str, stage: dict) -> None:

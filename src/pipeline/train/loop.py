@@ -23,14 +23,14 @@ import numpy as np
 import torch
 
 from pipeline import devices, io, seeding
-from pipeline.config import CheckpointHparams, DatasetHparams, TrainHparams, run_fingerprint
-from pipeline.data import load as load_data
+from pipeline.config import CheckpointHparams, TrainHparams, run_fingerprint
 from pipeline.layout import RunPaths
-from pipeline.models import build, neuron_structure
+from pipeline.models import neuron_structure
 from pipeline.train.engine import Engine, ResumeStore
 from pipeline.train.engine import TrainingDiverged as TrainingDiverged  # re-exported
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
 from pipeline.train.schedule import checkpoint_steps
+from pipeline.train.setup import placed_data, run_model
 from pipeline.train.trace import MechanicsTrace
 
 log = logging.getLogger(__name__)
@@ -248,18 +248,12 @@ def train_run(
     torch.set_num_threads(threads)
     h = TrainHparams(**hparams["train"])
     c = CheckpointHparams(**hparams["checkpoints"])
-    d = DatasetHparams(**hparams["dataset"])
     seed = hparams["seed"]
-    dev = devices.resolve(device)
-    dtype = devices.dtype(h.dtype, "train.dtype")
     paths.root.mkdir(parents=True, exist_ok=True)
     io.write_json(paths.hparams, hparams)
 
-    data = load_data(d.name, data_dir, d.val_fraction, d.subset, dev, dtype)
-    options = {k: v for k, v in hparams["model"].items() if k != "name"}
-    model = build(
-        hparams["model"]["name"], data.input_shape, data.num_outputs, options, seed, dtype
-    ).to(dev)
+    dev, dtype, data = placed_data(hparams, device, data_dir)
+    model = run_model(hparams, data, seed, dtype, dev)
     model.train()
     optimizer = make_optimizer(model.named_parameters(), h)
     task = RunTask(

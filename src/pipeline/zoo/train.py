@@ -37,13 +37,12 @@ import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from pipeline import devices, io, seeding
+from pipeline import io, seeding
 from pipeline.config import DatasetHparams, TrainHparams, run_fingerprint
-from pipeline.data import load as load_data
 from pipeline.data.tensors import TensorData, augment
-from pipeline.models import build
 from pipeline.train.engine import Engine, ResumeStore
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
+from pipeline.train.setup import placed_data, run_model
 from pipeline.zoo.members import save_member
 
 SPLITS = ("train", "val", "test")
@@ -306,8 +305,7 @@ def train_zoo(
             "train.schedule: plateau is per-model; a vectorised zoo needs constant, "
             "step or multistep"
         )
-    dev, dtype = devices.resolve(device), devices.dtype(h.dtype, "train.dtype")
-    data = load_data(d.name, data_dir, d.val_fraction, d.subset, dev, dtype)
+    dev, dtype, data = placed_data(hparams, device, data_dir)
     if data.val is None or not len(data.val):
         raise ValueError(
             "dataset.val_fraction must be > 0: zoo checkpoints are selected on the "
@@ -318,12 +316,8 @@ def train_zoo(
             f"dataset {d.name!r} is read from image folders; a vectorised zoo needs "
             "a dataset resident as tensors"
         )
-    name = hparams["model"]["name"]
-    options = {k: v for k, v in hparams["model"].items() if k != "name"}
-    models = [
-        build(name, data.input_shape, data.num_outputs, options, s, dtype).to(dev) for s in seeds
-    ]
-    check_vectorisable(models[0], name)
+    models = [run_model(hparams, data, s, dtype, dev) for s in seeds]
+    check_vectorisable(models[0], hparams["model"]["name"])
     task = ZooTask(Zoo(models, data.input_shape), data, h, seeds, str(out_dir))
     per_epoch = task.steps_per_epoch
     Engine(
