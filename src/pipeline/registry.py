@@ -214,16 +214,7 @@ def _literal(node):
         return ast.unparse(node)
 
 
-# -- source fingerprints ----------------------------------------------------------------------
-def source_fingerprint(module: str, name: str) -> str:
-    """:func:`pipeline.fingerprint.code_fingerprint` of ``module:name``: a hash of the code of the
-    function and of everything it reaches in ``pipeline`` (every entry of the registries it looks
-    up). Raises :class:`pipeline.fingerprint.CodeError` if the name does not exist."""
-    from pipeline.fingerprint import code_fingerprint
-
-    return code_fingerprint(f"{module}:{name}")
-
-
+# -- source constants -------------------------------------------------------------------------
 def source_constant(module: str, name: str):
     """The literal value of a module-level constant, read from the source without importing
     it (Snakemake's parser needs, e.g., a science's table names without importing torch)."""

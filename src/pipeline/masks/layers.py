@@ -54,8 +54,3 @@ def masked_params(layers: list[MaskedLayer]) -> list[str]:
 def param_roles(layers: list[MaskedLayer]) -> dict[str, str]:
     """``parameter name -> role`` of its layer."""
     return {p: layer.role for layer in layers for p in layer.params}
-
-
-def param_layers(layers: list[MaskedLayer]) -> dict[str, str]:
-    """``parameter name -> layer (module) name``."""
-    return {p: layer.name for layer in layers for p in layer.params}

@@ -147,10 +147,6 @@ def layout(chain: Chain) -> dict[str, tuple[int, tuple[int, ...]]]:
     return out
 
 
-def num_params(chain: Chain) -> int:
-    return sum(int(torch.Size(s).numel()) for s in chain.shapes().values())
-
-
 def flatten(chain: Chain, params: dict) -> torch.Tensor:
     """Stacked dict ``{name: [N, *shape]}`` -> one ``[N, P]`` tensor (a copy)."""
     n = next(iter(params.values())).shape[0]
