@@ -175,17 +175,12 @@ def reestimate_bn(model: torch.nn.Module, batches, eval_modules=()) -> None:
 
 @torch.no_grad()
 def evaluate_model(model, split, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (eval mode) on a split."""
-    from pipeline.train.optim import multi_head_ce, predictions
+    """Mean cross-entropy and accuracy of ``model`` on a split
+    (:func:`pipeline.train.optim.evaluate`); the model is left in eval mode."""
+    from pipeline.train.optim import evaluate
 
     model.eval()
-    total, correct, n = 0.0, 0, 0
-    for x, y in split.eval_batches(batch_size):
-        out = model(x)
-        total += float(multi_head_ce(out, y)) * len(y)
-        correct += int(predictions(out, y).sum())
-        n += len(y)
-    return total / max(n, 1), correct / max(n, 1)
+    return evaluate(model, split, batch_size=batch_size)
 
 
 def interpolation_curve(

@@ -30,7 +30,7 @@ from pipeline.teleport.network import (
     set_teleported,
     teleported_parameters,
 )
-from pipeline.train.loop import evaluate
+from pipeline.train.optim import evaluate
 
 
 def interpolate_cob(a: ChangeOfBasis, b: ChangeOfBasis, alpha: float) -> ChangeOfBasis:

@@ -28,28 +28,13 @@ from pipeline.layout import RunPaths
 from pipeline.models import neuron_structure
 from pipeline.train.engine import Engine, ResumeStore
 from pipeline.train.engine import TrainingDiverged as TrainingDiverged  # re-exported
-from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
+from pipeline.train.optim import Schedule, evaluate, loss_fn, make_optimizer, predictions
 from pipeline.train.schedule import checkpoint_steps
 from pipeline.train.setup import placed_data, run_model
 from pipeline.train.trace import MechanicsTrace
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-
-
-@torch.no_grad()
-def evaluate(model, split, loss, batch_size) -> tuple[float, float]:
-    """Mean loss and accuracy of ``model`` (eval mode) over a split."""
-    was = model.training
-    model.eval()
-    total, correct, n = 0.0, 0, 0
-    for x, y in split.eval_batches(batch_size):
-        out = model(x)
-        total += float(loss(out, y)) * len(y)
-        correct += int(predictions(out, y).sum())
-        n += len(y)
-    model.train(was)
-    return total / max(n, 1), correct / max(n, 1)
 
 
 class _Rows:

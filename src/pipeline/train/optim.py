@@ -268,3 +268,18 @@ def loss_fn(name: str):
 
         return mse
     raise ValueError(f"train.loss: {name!r} not allowed; allowed: ce, mse")
+
+
+@torch.no_grad()
+def evaluate(model, split, loss=multi_head_ce, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` (eval mode) over a split."""
+    was = model.training
+    model.eval()
+    total, correct, n = 0.0, 0, 0
+    for x, y in split.eval_batches(batch_size):
+        out = model(x)
+        total += float(loss(out, y)) * len(y)
+        correct += int(predictions(out, y).sum())
+        n += len(y)
+    model.train(was)
+    return total / max(n, 1), correct / max(n, 1)
