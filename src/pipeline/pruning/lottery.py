@@ -46,7 +46,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # -- ordinary pipeline runs ---------------------------------------------------------------------
 class _RunTask:
     """An ordinary run's step on the engine (:mod:`pipeline.train.engine`): the batches, loss,
-    optimizer and per-epoch schedule of :func:`pipeline.train.loop.train_run`."""
+    optimizer and per-epoch schedule of :func:`pipeline.train.loop.train_run` (no resume
+    state: ``store=None``)."""
 
     def __init__(self, model, data, h: TrainHparams, seed: int, optimizer, sched, loss):
         self.model, self.data, self.h, self.seed = model, data, h, seed

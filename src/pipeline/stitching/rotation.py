@@ -115,7 +115,7 @@ def _set_training(gm: GraphModule, training: bool) -> None:
 class _RetrainTask:
     """Retraining the unfrozen parameters on the engine (:mod:`pipeline.train.engine`):
     cross-entropy on the training split; after every epoch the validation accuracy, the best
-    state (epoch 0 included) kept in ``best``."""
+    state (epoch 0 included) kept in ``best``. No resume state (``store=None``)."""
 
     def __init__(self, gm, data, opt, batch_size: int, seed: int, eval_batch_size: int):
         self.gm, self.data, self.opt = gm, data, opt

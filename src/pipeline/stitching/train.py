@@ -91,7 +91,8 @@ class _StitchTask:
     """One phase of stitching-layer training on the engine (:mod:`pipeline.train.engine`):
     engine epoch ``e`` is the training's epoch ``offset + e`` (its batch order); the loss is
     cross-entropy plus ``S``'s regulariser, ``S`` is projected after each step; at each epoch's
-    end the loss must be finite and ``consider(phase, epochs done)`` evaluates on validation."""
+    end the loss must be finite and ``consider(phase, epochs done)`` evaluates on validation.
+    No resume state (``store=None``)."""
 
     def __init__(self, gm, data, settings: StitchSettings, seed: int, opt, phase, offset, consider):
         self.gm, self.stitch, self.data, self.settings = gm, gm.stitch, data, settings
