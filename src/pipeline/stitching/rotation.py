@@ -30,7 +30,6 @@ from torch.fx import GraphModule
 from pipeline import seeding
 from pipeline.alignment.matching import evaluate_model
 from pipeline.stitching.layers import apply_channels
-from pipeline.train.engine import Engine
 from pipeline.train.optim import SGD, Adam, multi_head_ce
 from pipeline.zoo.layers import LayerError, trace
 
@@ -112,46 +111,6 @@ def _set_training(gm: GraphModule, training: bool) -> None:
         gm.get_submodule(name).eval()
 
 
-class _RetrainTask:
-    """Retraining the unfrozen parameters on the engine (:mod:`pipeline.train.engine`):
-    cross-entropy on the training split; after every epoch the validation accuracy, the best
-    state (epoch 0 included) kept in ``best``. No resume state (``store=None``)."""
-
-    def __init__(self, gm, data, opt, batch_size: int, seed: int, eval_batch_size: int):
-        self.gm, self.data, self.opt = gm, data, opt
-        self.batch_size, self.seed, self.eval_batch_size = batch_size, seed, eval_batch_size
-        self.steps_per_epoch = data.train.num_batches(batch_size, True)
-        self.best = {}
-
-    def consider(self, epoch: int) -> None:
-        val_loss, val_acc = evaluate_model(self.gm, self.data.val, self.eval_batch_size)
-        if not self.best or val_acc > self.best["val_accuracy"]:
-            self.best = {
-                "val_accuracy": val_acc,
-                "val_loss": val_loss,
-                "epoch": epoch,
-                "state": copy.deepcopy(self.gm.state_dict()),
-            }
-
-    def batches(self, epoch: int, start: int):
-        _set_training(self.gm, True)
-        return self.data.train.train_batches(self.batch_size, True, self.seed, epoch, start)
-
-    def forward_backward(self, batch):
-        x, y = batch
-        self.opt.zero_grad(set_to_none=True)
-        loss = multi_head_ce(self.gm(x), y)
-        loss.backward()
-        return loss
-
-    def update(self) -> None:
-        self.opt.step()
-
-    def end_epoch(self, epoch: int) -> dict:
-        self.consider(epoch + 1)
-        return {}
-
-
 def retrain_above(
     gm: GraphModule,
     data,
@@ -163,8 +122,7 @@ def retrain_above(
     seed: int,
     eval_batch_size: int = 1024,
 ) -> dict:
-    """Retrain the unfrozen parameters (an engine run); the validation-best state's val/test
-    metrics."""
+    """Retrain the unfrozen parameters; the validation-best state's val/test metrics."""
     params = [p for p in gm.parameters() if p.requires_grad]
     if optimizer == "adam":
         opt = Adam(params, lr=lr, weight_decay=wd)
@@ -172,10 +130,27 @@ def retrain_above(
         opt = SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     else:
         raise ValueError(f"rotation optimizer {optimizer!r} not allowed; allowed: adam, sgd")
-    task = _RetrainTask(gm, data, opt, batch_size, seed, eval_batch_size)
-    task.consider(0)
-    Engine(task, epochs, where="rotation retraining").run()
-    best = task.best
+    val_loss, val_acc = evaluate_model(gm, data.val, eval_batch_size)
+    best = {
+        "val_accuracy": val_acc,
+        "val_loss": val_loss,
+        "epoch": 0,
+        "state": copy.deepcopy(gm.state_dict()),
+    }
+    for epoch in range(epochs):
+        _set_training(gm, True)
+        for x, y in data.train.train_batches(batch_size, True, seed, epoch):
+            opt.zero_grad(set_to_none=True)
+            multi_head_ce(gm(x), y).backward()
+            opt.step()
+        val_loss, val_acc = evaluate_model(gm, data.val, eval_batch_size)
+        if val_acc > best["val_accuracy"]:
+            best = {
+                "val_accuracy": val_acc,
+                "val_loss": val_loss,
+                "epoch": epoch + 1,
+                "state": copy.deepcopy(gm.state_dict()),
+            }
     gm.load_state_dict(best.pop("state"))
     test_loss, test_acc = evaluate_model(gm, data.test, eval_batch_size)
     return {**best, "test_loss": test_loss, "test_accuracy": test_acc}

@@ -232,8 +232,6 @@ class Engine:
     def run(self) -> Engine:
         """Resume or start, train to the end (or divergence, or a stop request)."""
         task, cbs = self.task, self.callbacks
-        if task.steps_per_epoch < 1 and self.epochs > 0:
-            raise ValueError(f"{self.where}: an epoch has no batches (batch size > examples?)")
         self.resumed = self._resume()
         if self.resumed:
             _call(cbs, "on_resume", self)
@@ -278,8 +276,9 @@ class Engine:
                     if stop and self.step < total:
                         if self.store is not None and not saved:
                             self.save({}, resume_only=True)
-                        written = " (checkpoint written)" if self.store is not None else ""
-                        raise stop.error(f"at step {self.step} of {self.where}{written}")
+                        raise stop.error(
+                            f"at step {self.step} of {self.where} (checkpoint written)"
+                        )
         finally:
             stop.restore()
             bar.close()
