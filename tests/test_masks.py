@@ -20,10 +20,12 @@ from pipeline.masks import evaluate, overlap, removal, study
 from pipeline.masks.batched import model_weights, sampled_outputs
 from pipeline.masks.layers import MaskedLayer, masked_layers, masked_params
 from pipeline.masks.sampling import binary, logistic_noise, sample, sample_masked
-from pipeline.masks.train import MaskHparams
+from pipeline.masks.train import MaskHparams, train_mask
 from pipeline.masks.transfer import permuted_transfer
+from pipeline.masks.views import subtask_view
 from pipeline.models import build
 from pipeline.plots import register_figure
+from pipeline.train.engine import TrainingDiverged
 from pipeline.train.loop import train_run
 
 #: Small tensors: one torch thread, as every pipeline job uses (tests/conftest.py).
@@ -279,6 +281,22 @@ def test_transfer_freezes_used_weights_exactly():
         assert params and row.shared == sum(both[n] for n in params), row
         assert row.sharing == sum(both[n] for n in params) / sum(kept[n] for n in params)
     assert not (sharing["mask"] == "permuted_0").any()  # nothing before the first to share
+
+
+@pytest.mark.parametrize("steps,log_every", [(10, 3), (4, 10)])
+def test_a_non_finite_loss_stops_mask_training_at_its_check(steps, log_every):
+    """The task loss is checked every ``log_every`` steps and at the last: with a NaN output
+    bias (unmasked: a NaN loss at every step) training stops at the first check, naming the
+    subtask."""
+    splits = load("digits", "unused", 0.0)
+    model = build("mlp", splits.input_shape, 10, {"widths": [8]}, 0)
+    with torch.no_grad():
+        model.out.bias[0] = math.nan
+    params = masked_params(masked_layers(model, splits.input_shape))
+    h = MaskHparams(steps=steps, batch_size=32, log_every=log_every)
+    first = min(steps, log_every)
+    with pytest.raises(TrainingDiverged, match=f"on 'all': the loss became nan by step {first};"):
+        train_mask(model, params, subtask_view(splits, "digits", "all"), h)
 
 
 # -- study functions end to end -------------------------------------------------------------

@@ -166,3 +166,13 @@ def test_han_continues_from_the_trained_weights(tmp_path, digits_hparams):
     total = sum(final0[k].numel() for k in mask)
     assert table.loc[1, "sparsity"] == pytest.approx(1 - remaining_after(total, 0.5, 1) / total)
     assert table.loc[1, "sparsity"] == pytest.approx(sparsity(mask), rel=1e-15)
+
+
+def test_a_level_whose_epoch_has_no_batch_is_an_error(digits_hparams):
+    """A batch larger than the training split (drop_last): an error, not an endless loop."""
+    from pipeline.models import build
+
+    hp = {**digits_hparams, "train": {**digits_hparams["train"], "batch_size": 5000}}
+    state = build("mlp", (1, 8, 8), 10, {"widths": [24]}, 3, torch.float64).state_dict()
+    with pytest.raises(ValueError, match="an epoch has no batches"):
+        train_masked(hp, state, {}, 0)

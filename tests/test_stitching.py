@@ -25,6 +25,7 @@ from pipeline.stitching.train import (
     train_stitch,
 )
 from pipeline.symmetry.actions import random_element
+from pipeline.train.engine import TrainingDiverged
 from pipeline.zoo.members import load_member, read_member, save_member
 from pipeline.zoo.train import train_zoo
 
@@ -263,6 +264,18 @@ def test_layer_types_keep_their_constraints():
         after = {k: v for k, v in gm.state_dict().items() if not k.startswith("stitch")}
         assert all(torch.equal(before[k], after[k]) for k in before), kind  # frozen models
         assert check(gm.stitch.eval()), kind
+
+
+def test_a_non_finite_stitching_loss_stops_training():
+    data = digits()
+    model = build("mlp", (1, 8, 8), 10, {"widths": [12]}, seed=0, dtype=torch.float64)
+    stitch = register_stitching_layer.get("linear")(12, 12).double()
+    with torch.no_grad():
+        next(stitch.parameters()).view(-1)[0] = float("nan")
+    gm = build_stitched(model, model, "act1", stitch)
+    settings = StitchSettings(epochs=2, lr=0.05, batch_size=64)
+    with pytest.raises(TrainingDiverged, match="stitching loss became NaN/inf; lower the"):
+        train_stitch(gm, data, settings, seed=0)
 
 
 def test_batch_norm_modes():

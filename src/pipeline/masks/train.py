@@ -21,6 +21,7 @@ from pipeline import seeding
 from pipeline.masks.batched import model_weights, stacked_outputs
 from pipeline.masks.sampling import init_logits, sample_masked_all
 from pipeline.masks.views import View
+from pipeline.train.engine import Engine, batches_from
 from pipeline.train.optim import Adam, multi_head_ce
 
 
@@ -60,37 +61,79 @@ class MaskResult:
     history: list[dict]  # step, loss, task_loss, kept (fraction of logits > 0)
 
 
-def mask_step(
-    model,
-    weights: dict,
-    logits: dict,
-    opt,
-    clipped: list,
-    h: MaskHparams,
-    noise,
-    batch,
-    step: int,
-    before_update=None,
-):
-    """One optimizer step of mask training: K sampled masks on their shares of ``batch`` in one
-    batched pass, task cross-entropy plus ``alpha / B`` times the sum of the logits, optional
-    warm-up and gradient clipping of ``clipped``. ``before_update()`` may edit gradients.
-    Returns ``(task loss, regulariser)``."""
-    x, y = batch
-    if h.warmup:
-        for group in opt.param_groups:
-            group["lr"] = h.lr * min(1.0, step / h.warmup)
-    stacked = sample_masked_all(weights, logits, h.samples, noise)
-    task = multi_head_ce(stacked_outputs(model, weights, stacked, x), y)
-    reg = sum(l.sum() for l in logits.values()) * (h.alpha / h.batch_size)
-    opt.zero_grad(set_to_none=True)
-    (task + reg).backward()
-    if before_update is not None:
-        before_update()
-    if h.clip:
-        torch.nn.utils.clip_grad_norm_(clipped, h.clip)
-    opt.step()
-    return task, reg
+class MaskTask:
+    """Mask training as a task on the engine (:mod:`pipeline.train.engine`): one "epoch" of
+    ``h.steps`` updates over the endless batch stream of a view.
+
+    Per update: K sampled masks on their shares of the batch in one batched pass, task
+    cross-entropy plus ``alpha / B`` times the sum of the logits (``forward_backward`` returns
+    ``(task loss, regulariser)``), optional linear warm-up of the learning rate; ``update``
+    clips the gradient norm of ``clipped`` and steps ``opt``. ``check``: the task loss must be
+    finite every ``h.log_every`` steps and at the last. No resume state (run it with
+    ``store=None``): a mask's training is short, its job reruns it whole.
+    """
+
+    def __init__(
+        self, model, weights, logits, opt, clipped, h: MaskHparams, noise, view, seed, where: str
+    ):
+        self.model, self.weights, self.logits, self.opt = model, weights, logits, opt
+        self.clipped, self.h, self.noise, self.where = clipped, h, noise, where
+        self.stream = view.batches(h.batch_size, seed)
+        self.steps_per_epoch = h.steps
+        self.step = 0  # updates begun (the warm-up's step of the current update)
+
+    def batches(self, epoch: int, start: int):
+        return batches_from(self.stream, self.h.steps - start)
+
+    def forward_backward(self, batch):
+        h, x, y = self.h, *batch
+        self.step += 1
+        if h.warmup:
+            for group in self.opt.param_groups:
+                group["lr"] = h.lr * min(1.0, self.step / h.warmup)
+        stacked = sample_masked_all(self.weights, self.logits, h.samples, self.noise)
+        task = multi_head_ce(stacked_outputs(self.model, self.weights, stacked, x), y)
+        reg = sum(l.sum() for l in self.logits.values()) * (h.alpha / h.batch_size)
+        self.opt.zero_grad(set_to_none=True)
+        (task + reg).backward()
+        return task, reg
+
+    def update(self) -> None:
+        if self.h.clip:
+            torch.nn.utils.clip_grad_norm_(self.clipped, self.h.clip)
+        self.opt.step()
+
+    def check(self, out, epoch_end: bool) -> str | None:
+        if self.step % self.h.log_every == 0 or epoch_end:
+            value = float(out[0].detach())
+            if not math.isfinite(value):
+                return f"{self.where}: the loss became {value} by step {self.step}; lower masks.lr"
+        return None
+
+
+class _History:
+    """Engine callback: a row ``(step, loss, task_loss, kept)`` every ``log_every`` steps and
+    at the last (``kept``: the fraction of logits > 0)."""
+
+    def __init__(self, logits: dict, log_every: int):
+        self.logits, self.log_every, self.rows = logits, log_every, []
+
+    def after_update(self, run, out) -> None:
+        step = run.step + 1  # the engine counts this update after after_update
+        if step % self.log_every and step != run.total_steps:
+            return
+        task, reg = out
+        with torch.no_grad():
+            kept = sum(int((l > 0).sum()) for l in self.logits.values())
+            total = sum(l.numel() for l in self.logits.values())
+        self.rows.append(
+            {
+                "step": step,
+                "loss": float((task + reg).detach()),
+                "task_loss": float(task.detach()),
+                "kept": kept / max(total, 1),
+            }
+        )
 
 
 def train_mask(
@@ -102,7 +145,8 @@ def train_mask(
     fixed: dict[str, torch.Tensor] | None = None,
     init: dict[str, torch.Tensor] | None = None,
 ) -> MaskResult:
-    """Learn a mask over ``params`` for the items of ``view``.
+    """Learn a mask over ``params`` for the items of ``view`` (a :class:`MaskTask` on the
+    engine; a non-finite loss raises :class:`pipeline.train.engine.TrainingDiverged`).
 
     ``fixed``: masks applied as given and not trained (e.g. the output layer copied from the
     reference mask in class removal); ``init``: starting logits (default: all ``h.init``).
@@ -123,27 +167,8 @@ def train_mask(
     base = {n: (w * fixed[n].to(w.dtype) if n in fixed else w) for n, w in weights.items()}
     opt = Adam(list(logits.values()), lr=h.lr)
     noise = seeding.generator(seed, "mask-noise", device=next(iter(weights.values())).device)
-    history = []
-    batches = view.batches(h.batch_size, seed)
-    for step in range(1, h.steps + 1):
-        task, reg = mask_step(
-            model, base, logits, opt, list(logits.values()), h, noise, next(batches), step
-        )
-        if step % h.log_every == 0 or step == h.steps:
-            if not math.isfinite(float(task.detach())):
-                raise FloatingPointError(
-                    f"mask training on {view.name!r}: the loss became "
-                    f"{float(task.detach())} by step {step}; lower masks.lr"
-                )
-            with torch.no_grad():
-                kept = sum(int((l > 0).sum()) for l in logits.values())
-                total = sum(l.numel() for l in logits.values())
-            history.append(
-                {
-                    "step": step,
-                    "loss": float((task + reg).detach()),
-                    "task_loss": float(task.detach()),
-                    "kept": kept / max(total, 1),
-                }
-            )
-    return MaskResult({n: l.detach() for n, l in logits.items()}, fixed, history)
+    where = f"mask training on {view.name!r}"
+    task = MaskTask(model, base, logits, opt, list(logits.values()), h, noise, view, seed, where)
+    history = _History(logits, h.log_every)
+    Engine(task, 1, callbacks=(history,), where=where).run()
+    return MaskResult({n: l.detach() for n, l in logits.items()}, fixed, history.rows)

@@ -21,7 +21,6 @@ the transfer sharing ``|m_t & used| / |m_t|`` (:func:`pipeline.masks.overlap.tra
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pandas as pd
@@ -32,8 +31,9 @@ from pipeline.masks.evaluate import score
 from pipeline.masks.layers import masked_layers, masked_params
 from pipeline.masks.overlap import transfer_sharing
 from pipeline.masks.sampling import binary
-from pipeline.masks.train import MaskHparams, mask_step
+from pipeline.masks.train import MaskHparams, MaskTask
 from pipeline.masks.views import subtask_view
+from pipeline.train.engine import Engine
 from pipeline.train.optim import Adam
 
 
@@ -104,6 +104,18 @@ def permuted_transfer(
     return masks, pd.DataFrame(rows), sharing
 
 
+class _FreezeUsed:
+    """Engine callback: no gradient reaches the used weights (they keep their values)."""
+
+    def __init__(self, trainable: dict, used: dict):
+        self.trainable, self.used = trainable, used
+
+    def before_update(self, run) -> None:
+        for n, u in self.used.items():
+            if self.trainable[n].grad is not None:
+                self.trainable[n].grad.masked_fill_(u, 0.0)
+
+
 def _train_permutation(
     model,
     weights,
@@ -115,6 +127,8 @@ def _train_permutation(
     new_init: float,
     seed: int,
 ):
+    """Weights and mask logits of one permutation, trained together (a :class:`MaskTask` whose
+    clipped and stepped parameters are both; the used weights frozen by :class:`_FreezeUsed`)."""
     trainable = {n: w.clone().requires_grad_(n in used or first_stage) for n, w in weights.items()}
     logits = {
         n: torch.where(u, used_init, new_init).to(weights[n].dtype).requires_grad_(True)
@@ -123,20 +137,7 @@ def _train_permutation(
     params = [w for w in trainable.values() if w.requires_grad] + list(logits.values())
     opt = Adam(params, lr=h.lr)
     noise = seeding.generator(seed, "mask-noise", device=next(iter(weights.values())).device)
-    batches = view.batches(h.batch_size, seed)
-
-    def freeze_used():
-        for n, u in used.items():
-            if trainable[n].grad is not None:
-                trainable[n].grad.masked_fill_(u, 0.0)
-
-    for step in range(1, h.steps + 1):
-        task, _ = mask_step(
-            model, trainable, logits, opt, params, h, noise, next(batches), step, freeze_used
-        )
-        if step % h.log_every == 0 and not math.isfinite(float(task.detach())):
-            raise FloatingPointError(
-                f"transfer on {view.name!r}: the loss became "
-                f"{float(task.detach())} by step {step}; lower masks.lr"
-            )
+    where = f"transfer on {view.name!r}"
+    task = MaskTask(model, trainable, logits, opt, params, h, noise, view, seed, where)
+    Engine(task, 1, callbacks=(_FreezeUsed(trainable, used),), where=where).run()
     return {n: w.detach() for n, w in trainable.items()}, {n: l.detach() for n, l in logits.items()}

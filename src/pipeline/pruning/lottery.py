@@ -10,10 +10,11 @@ retrains the masked network from
 - the previous level's trained weights ``* mask`` (``han``: no rewinding), all steps again.
 
 Masked weights are zero and stay zero: gradients are masked before every optimizer step and
-weights after it, so Adam's moments of pruned weights stay zero too.
+weights after it, so Adam's moments of pruned weights stay zero too
+(:class:`pipeline.train.pruning.PruningMasks`, a callback of the training engine).
 
 :func:`run_lottery` does this for an ordinary pipeline run (its ``hparams``: model, dataset,
-train sections) with a training loop that, unmasked, takes exactly the steps of
+train sections) with an engine task that, unmasked, takes exactly the steps of
 :func:`pipeline.train.loop.train_run` (same initialisation, batches and optimizer), so ``theta_k``
 equals that run's checkpoint at step ``k``. Outputs in ``out_dir``: ``level~{L}/mask.pt`` and
 ``level~{L}/final.pt`` per level, ``rewind.pt``, ``lottery.parquet`` (one row per level:
@@ -33,6 +34,7 @@ from pipeline import devices, io, seeding
 from pipeline.config import DatasetHparams, TrainHparams, run_fingerprint
 from pipeline.train.pruning import (
     LotteryHparams,
+    PruningMasks,
     lottery,
     prunable_names,
     sparsity,
@@ -42,6 +44,55 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # -- ordinary pipeline runs ---------------------------------------------------------------------
+class _RunTask:
+    """An ordinary run's step on the engine (:mod:`pipeline.train.engine`): the batches, loss,
+    optimizer and per-epoch schedule of :func:`pipeline.train.loop.train_run` (no resume
+    state: ``store=None``)."""
+
+    def __init__(self, model, data, h: TrainHparams, seed: int, optimizer, sched, loss):
+        self.model, self.data, self.h, self.seed = model, data, h, seed
+        self.optimizer, self.sched, self.loss = optimizer, sched, loss
+        self.steps_per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
+
+    def batches(self, epoch: int, start: int):
+        h = self.h
+        return self.data.train.train_batches(
+            h.batch_size, h.drop_last, self.seed, epoch, start, h.augment
+        )
+
+    def forward_backward(self, batch):
+        x, y = batch
+        self.optimizer.zero_grad(set_to_none=True)
+        value = self.loss(self.model(x), y)
+        value.backward()
+        return value
+
+    def update(self) -> None:
+        self.optimizer.step()
+
+    def end_epoch(self, epoch: int) -> dict:
+        from pipeline.train.optim import Schedule
+
+        Schedule.apply(self.optimizer, self.sched.end_epoch(epoch, {}))
+        return {}
+
+
+class _Snapshot:
+    """Engine callback: the model's state after ``step`` updates (after the masks callback's
+    weight masking: list it after :class:`PruningMasks`); ``None`` if the run never is there."""
+
+    def __init__(self, model, step: int | None):
+        self.model, self.step, self.state = model, step, None
+
+    def on_start(self, run) -> None:
+        if run.step == self.step:
+            self.state = _copy(self.model)
+
+    def after_update(self, run, out) -> None:
+        if run.step + 1 == self.step:  # the engine counts this update after after_update
+            self.state = _copy(self.model)
+
+
 def train_masked(
     hparams: dict,
     state: dict,
@@ -52,10 +103,12 @@ def train_masked(
     data_dir: str = "data",
     data=None,
 ):
-    """Train the run's model from ``state`` with ``mask`` fixed, from step ``start_step`` to
-    ``epochs x steps per epoch``: ``(final_state, state after keep_step steps, metrics)``."""
+    """Train the run's model from ``state`` with ``mask`` fixed (:class:`PruningMasks`), from
+    step ``start_step`` to ``epochs x steps per epoch``, on the engine (no resume state: a
+    level is the unit of resumption): ``(final_state, state after keep_step steps, metrics)``."""
     from pipeline.data import load as load_data
     from pipeline.models import build
+    from pipeline.train.engine import Engine
     from pipeline.train.loop import evaluate
     from pipeline.train.optim import Schedule, loss_fn, make_optimizer
 
@@ -76,52 +129,35 @@ def train_masked(
     ).to(dev)
     model.load_state_dict(state)
     model.train()
-    params = dict(model.named_parameters())
-    masks = {k: m.to(dev, dtype) for k, m in mask.items()}
-    with torch.no_grad():
-        for k, m in masks.items():
-            params[k].mul_(m)
+    masks = PruningMasks(dict(model.named_parameters()), mask)
     optimizer = make_optimizer(model.named_parameters(), h)
     sched = Schedule(h)
     loss = loss_fn(h.loss)
-    per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
+    task = _RunTask(model, data, h, seed, optimizer, sched, loss)
+    per_epoch = task.steps_per_epoch
     epoch, batch = divmod(start_step, per_epoch) if per_epoch else (0, 0)
-    for e in range(epoch):
+    for e in range(epoch):  # the schedule fast-forwarded to the start
         sched.end_epoch(e, {})
     Schedule.apply(optimizer, sched.lr)
-    # dropout & co.: as train_run from step 0; a rewound level draws its own stream
-    torch.manual_seed(
-        seeding.derive(seed, "train")
+    kept = _Snapshot(model, keep_step)
+    run = Engine(
+        task,
+        h.epochs,
+        callbacks=(masks, kept),
+        # dropout & co.: as train_run from step 0; a rewound level draws its own stream
+        rng_seed=seeding.derive(seed, "train")
         if start_step == 0
-        else seeding.derive(seed, "train", "from-step", start_step)
-    )
-    step = start_step
-    kept = _copy(model) if keep_step == step else None
-    while epoch < h.epochs:
-        for x, y in data.train.train_batches(
-            h.batch_size, h.drop_last, seed, epoch, batch, h.augment
-        ):
-            optimizer.zero_grad(set_to_none=True)
-            value = loss(model(x), y)
-            value.backward()
-            for k, m in masks.items():
-                params[k].grad.mul_(m)
-            optimizer.step()
-            with torch.no_grad():
-                for k, m in masks.items():
-                    params[k].mul_(m)
-            step += 1
-            if step == keep_step:
-                kept = _copy(model)
-        Schedule.apply(optimizer, sched.end_epoch(epoch, {}))
-        epoch, batch = epoch + 1, 0
-    metrics = {"steps": step}
+        else seeding.derive(seed, "train", "from-step", start_step),
+        where="lottery level",
+        start=(epoch, batch, start_step),
+    ).run()
+    metrics = {"steps": run.step}
     splits = {"train": data.train, **data.eval_splits()}
     for split, part in splits.items():
         metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = evaluate(
             model, part, loss, h.eval_batch_size
         )
-    return _copy(model), kept, metrics
+    return _copy(model), kept.state, metrics
 
 
 def _copy(model) -> dict:

@@ -34,6 +34,7 @@ from pipeline.stitching.model import (
     reestimate_stitched,
     set_training,
 )
+from pipeline.train.engine import Engine
 from pipeline.train.optim import SGD, Adam, multi_head_ce
 
 
@@ -86,8 +87,50 @@ def _evaluate(gm, split, data, s: StitchSettings):
     return evaluate_model(gm, split, s.eval_batch_size)
 
 
+class _StitchTask:
+    """One phase of stitching-layer training on the engine (:mod:`pipeline.train.engine`):
+    engine epoch ``e`` is the training's epoch ``offset + e`` (its batch order); the loss is
+    cross-entropy plus ``S``'s regulariser, ``S`` is projected after each step; at each epoch's
+    end the loss must be finite and ``consider(phase, epochs done)`` evaluates on validation.
+    No resume state (``store=None``)."""
+
+    def __init__(self, gm, data, settings: StitchSettings, seed: int, opt, phase, offset, consider):
+        self.gm, self.stitch, self.data, self.settings = gm, gm.stitch, data, settings
+        self.seed, self.opt, self.phase, self.offset = seed, opt, phase, offset
+        self.consider = consider
+        self.steps_per_epoch = data.train.num_batches(settings.batch_size, True)
+
+    def batches(self, epoch: int, start: int):
+        set_training(self.gm, True)
+        return self.data.train.train_batches(
+            self.settings.batch_size, True, self.seed, self.offset + epoch, start
+        )
+
+    def forward_backward(self, batch):
+        x, y = batch
+        self.opt.zero_grad(set_to_none=True)
+        loss = multi_head_ce(self.gm(x), y) + self.stitch.regulariser().to(x.dtype)
+        loss.backward()
+        return loss
+
+    def update(self) -> None:
+        self.opt.step()
+        self.stitch.project()
+
+    def check(self, loss, epoch_end: bool) -> str | None:
+        if epoch_end and not torch.isfinite(loss):
+            return "stitching loss became NaN/inf; lower the stitching lr"
+        return None
+
+    def end_epoch(self, epoch: int) -> dict:
+        self.consider(self.phase, self.offset + epoch + 1)
+        return {}
+
+
 def train_stitch(gm, data, settings: StitchSettings, seed: int) -> dict:
-    """Train ``gm.stitch``; return the validation-selected state's val/test metrics."""
+    """Train ``gm.stitch``, each phase an engine run with a fresh optimizer (a non-finite loss
+    at an epoch's end raises :class:`pipeline.train.engine.TrainingDiverged`); return the
+    validation-selected state's val/test metrics."""
     stitch = gm.stitch
     history = []
     best = {"val_accuracy": -1.0}
@@ -116,18 +159,9 @@ def train_stitch(gm, data, settings: StitchSettings, seed: int) -> dict:
         if epochs == 0:
             continue
         opt = _optimizer(stitch.param_groups(settings.wd), settings)
-        for _ in range(epochs):
-            set_training(gm, True)
-            for x, y in data.train.train_batches(settings.batch_size, True, seed, done):
-                opt.zero_grad(set_to_none=True)
-                loss = multi_head_ce(gm(x), y) + stitch.regulariser().to(x.dtype)
-                loss.backward()
-                opt.step()
-                stitch.project()
-            done += 1
-            if not torch.isfinite(loss):
-                raise FloatingPointError("stitching loss became NaN/inf; lower the stitching lr")
-            consider(phase, done)
+        task = _StitchTask(gm, data, settings, seed, opt, phase, done, consider)
+        Engine(task, epochs, where="stitching").run()
+        done += epochs
     gm.load_state_dict(best["state"])
     stitch.set_phase(best["phase"])
     set_training(gm, False)

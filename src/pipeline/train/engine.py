@@ -54,7 +54,8 @@ class Task(Protocol):
     (evaluation, schedule; the returned metrics go into an epoch-end save), ``check(out,
     epoch_end) -> str | None`` (a message when the loss is not finite), ``finished() -> bool``
     (stop before the next epoch, e.g. every student converged), ``begin() -> dict`` (a fresh
-    start's step-0 metrics, when step 0 is saved).
+    start's step-0 metrics, when step 0 is saved). ``state_dict``/``load_state_dict`` are called
+    only when the engine has a store (a task run with ``store=None`` may lack them).
     """
 
     steps_per_epoch: int

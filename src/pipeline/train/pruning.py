@@ -15,6 +15,9 @@ more on ties):
 - ``han`` (Han et al. 2015): the ``sparse_global`` ranking; the difference is in the lottery
   (training continues from the pruned trained weights, no rewinding).
 
+Training with a mask: :class:`PruningMasks`, a callback of the training engine
+(:mod:`pipeline.train.engine`).
+
 Stacked models (``stacked=True``: every tensor has a leading model axis, e.g. N students):
 each model is ranked on its own (``joint=False``: every model gets exactly the requested
 count) or all models together (``joint=True``: the published students' behaviour).
@@ -122,6 +125,33 @@ def sparsity(mask: dict, stacked: bool = False) -> torch.Tensor | float:
     kept = sum(int(m.sum()) for m in mask.values())
     total = sum(m.numel() for m in mask.values())
     return 1 - kept / total
+
+
+class PruningMasks:
+    """Train with pruning masks (an engine callback): masked weights are zero and stay zero.
+
+    The weights are masked when training starts, the gradients before every optimizer step and
+    the weights after it, so Adam's moments of pruned weights stay zero too. ``params``: the
+    model's ``{name: parameter}``; ``mask``: ``{name: 0/1 tensor}`` over some of them."""
+
+    def __init__(self, params: dict, mask: dict):
+        self.params = params
+        self.masks = {k: m.to(params[k].device, params[k].dtype) for k, m in mask.items()}
+
+    def mask_weights(self) -> None:
+        with torch.no_grad():
+            for k, m in self.masks.items():
+                self.params[k].mul_(m)
+
+    def on_start(self, run) -> None:
+        self.mask_weights()
+
+    def before_update(self, run) -> None:
+        for k, m in self.masks.items():
+            self.params[k].grad.mul_(m)
+
+    def after_update(self, run, out) -> None:
+        self.mask_weights()
 
 
 def apply(state: dict, mask: dict) -> dict:
