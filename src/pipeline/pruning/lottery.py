@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from pipeline import devices, io, seeding
-from pipeline.config import DatasetHparams, TrainHparams, run_fingerprint
+from pipeline.config import TrainHparams, run_fingerprint
 from pipeline.train.pruning import (
     LotteryHparams,
     PruningMasks,
@@ -40,43 +40,8 @@ from pipeline.train.pruning import (
     sparsity,
 )
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 # -- ordinary pipeline runs ---------------------------------------------------------------------
-class _RunTask:
-    """An ordinary run's step on the engine (:mod:`pipeline.train.engine`): the batches, loss,
-    optimizer and per-epoch schedule of :func:`pipeline.train.loop.train_run` (no resume
-    state: ``store=None``)."""
-
-    def __init__(self, model, data, h: TrainHparams, seed: int, optimizer, sched, loss):
-        self.model, self.data, self.h, self.seed = model, data, h, seed
-        self.optimizer, self.sched, self.loss = optimizer, sched, loss
-        self.steps_per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
-
-    def batches(self, epoch: int, start: int):
-        h = self.h
-        return self.data.train.train_batches(
-            h.batch_size, h.drop_last, self.seed, epoch, start, h.augment
-        )
-
-    def forward_backward(self, batch):
-        x, y = batch
-        self.optimizer.zero_grad(set_to_none=True)
-        value = self.loss(self.model(x), y)
-        value.backward()
-        return value
-
-    def update(self) -> None:
-        self.optimizer.step()
-
-    def end_epoch(self, epoch: int) -> dict:
-        from pipeline.train.optim import Schedule
-
-        Schedule.apply(self.optimizer, self.sched.end_epoch(epoch, {}))
-        return {}
-
-
 class _Snapshot:
     """Engine callback: the model's state after ``step`` updates (after the masks callback's
     weight masking: list it after :class:`PruningMasks`); ``None`` if the run never is there."""
@@ -106,34 +71,30 @@ def train_masked(
     """Train the run's model from ``state`` with ``mask`` fixed (:class:`PruningMasks`), from
     step ``start_step`` to ``epochs x steps per epoch``, on the engine (no resume state: a
     level is the unit of resumption): ``(final_state, state after keep_step steps, metrics)``."""
-    from pipeline.data import load as load_data
-    from pipeline.models import build
     from pipeline.train.engine import Engine
-    from pipeline.train.loop import evaluate
-    from pipeline.train.optim import Schedule, loss_fn, make_optimizer
+    from pipeline.train.loop import RunStep
+    from pipeline.train.optim import Schedule, evaluate, loss_fn, make_optimizer
+    from pipeline.train.setup import placed_data, run_model
 
     h = TrainHparams(**hparams["train"])
-    d = DatasetHparams(**hparams["dataset"])
     if h.schedule == "plateau":
         raise ValueError(
             "lottery: train.schedule plateau depends on the evaluation history; "
             "use constant, step or multistep"
         )
-    dev = devices.resolve(device)
-    dtype = DTYPES[h.dtype]
     seed = hparams["seed"]
-    data = data or load_data(d.name, data_dir, d.val_fraction, d.subset, dev, dtype)
-    options = {k: v for k, v in hparams["model"].items() if k != "name"}
-    model = build(
-        hparams["model"]["name"], data.input_shape, data.num_outputs, options, seed, dtype
-    ).to(dev)
+    if data is None:
+        dev, dtype, data = placed_data(hparams, device, data_dir)
+    else:
+        dev, dtype = devices.resolve(device), devices.dtype(h.dtype, "train.dtype")
+    model = run_model(hparams, data, seed, dtype, dev)
     model.load_state_dict(state)
     model.train()
     masks = PruningMasks(dict(model.named_parameters()), mask)
     optimizer = make_optimizer(model.named_parameters(), h)
     sched = Schedule(h)
     loss = loss_fn(h.loss)
-    task = _RunTask(model, data, h, seed, optimizer, sched, loss)
+    task = RunStep(model, optimizer, sched, loss, data, h, seed, dev)
     per_epoch = task.steps_per_epoch
     epoch, batch = divmod(start_step, per_epoch) if per_epoch else (0, 0)
     for e in range(epoch):  # the schedule fast-forwarded to the start
@@ -174,24 +135,13 @@ def run_lottery(
 ) -> pd.DataFrame:
     """Lottery levels for the run described by ``hparams`` (as :func:`train_run` takes them);
     writes the files listed in the module docstring and returns the level table."""
-    from pipeline.data import load as load_data
-    from pipeline.models import build, neuron_structure
+    from pipeline.models import neuron_structure
+    from pipeline.train.setup import placed_data, run_model
 
     torch.set_num_threads(threads)
     out = Path(out_dir)
-    d = DatasetHparams(**hparams["dataset"])
-    tr = TrainHparams(**hparams["train"])
-    dev = devices.resolve(device)
-    data = load_data(d.name, data_dir, d.val_fraction, d.subset, dev, DTYPES[tr.dtype])
-    options = {k: v for k, v in hparams["model"].items() if k != "name"}
-    model = build(
-        hparams["model"]["name"],
-        data.input_shape,
-        data.num_outputs,
-        options,
-        hparams["seed"],
-        DTYPES[tr.dtype],
-    )
+    _, dtype, data = placed_data(hparams, device, data_dir)
+    model = run_model(hparams, data, hparams["seed"], dtype, "cpu")  # theta_0, kept on the host
     state0 = _copy(model)
     output = _output_weight(model, data.input_shape, neuron_structure)
     exclude = () if (h.prune_output or h.strategy == "fc19") else (output,)

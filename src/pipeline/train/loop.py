@@ -70,39 +70,21 @@ class _Rows:
         }
 
 
-class RunTask:
-    """The step of an ordinary run (an engine task, :mod:`pipeline.train.engine`): one model,
-    one optimizer, minibatches of a dataset split; ``rows`` collects the history (train rows
-    per step, eval rows per epoch end)."""
+class RunStep:
+    """The step of a run's model (an engine task, :mod:`pipeline.train.engine`): minibatches of
+    the run's train split in the order ``(seed, epoch)`` gives, its loss, one optimizer update;
+    the learning-rate schedule at epoch ends. A lottery level trains with this step alone."""
 
-    def __init__(self, model, optimizer, sched, loss, data, h, seed, dev, info, where=""):
-        self.where = where
+    def __init__(self, model, optimizer, sched, loss, data, h, seed, dev):
         self.model, self.optimizer, self.sched, self.loss = model, optimizer, sched, loss
-        self.data, self.h, self.seed, self.dev, self.info = data, h, seed, dev, info
-        self.dtype = devices.dtype(h.dtype, "train.dtype")
-        self.rows = _Rows()
+        self.data, self.h, self.seed, self.dev = data, h, seed, dev
         self.steps_per_epoch = data.train.num_batches(h.batch_size, h.drop_last)
-        self.step, self.epoch = 0, 0
-        # on the CPU reading the loss costs nothing; on accelerators it syncs: check in batches
-        self.host = dev.type == "cpu"
-        self.check_every = 1 if self.host else 25
+        self.epoch = 0
         Schedule.apply(optimizer, sched.lr)
 
     @property
     def lr(self) -> float:
         return self.sched.lr
-
-    def measure(self, step: int, epoch: int) -> dict:
-        """Loss and accuracy on every evaluation split (and their history rows)."""
-        metrics = {}
-        for split, part in self.data.eval_splits().items():
-            lo, ac = evaluate(self.model, part, self.loss, self.h.eval_batch_size)
-            metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = lo, ac
-            self.rows.add_eval((step, epoch, SPLITS.index(split), lo, ac, self.sched.lr))
-        return metrics
-
-    def begin(self) -> dict:
-        return self.measure(0, 0)
 
     def batches(self, epoch: int, start: int):
         self.epoch = epoch
@@ -123,6 +105,38 @@ class RunTask:
         self.optimizer.step()
         if devices.is_xla(self.dev):
             devices.sync(self.dev)
+
+    def end_epoch(self, epoch: int) -> dict:
+        Schedule.apply(self.optimizer, self.sched.end_epoch(epoch, {}))
+        return {}
+
+
+class RunTask(RunStep):
+    """An ordinary run's task: :class:`RunStep` plus its record - ``rows`` collects the history
+    (train rows per step, eval rows per epoch end), the loss is checked every step, and the
+    state (model, optimizer, schedule) goes into every checkpoint."""
+
+    def __init__(self, model, optimizer, sched, loss, data, h, seed, dev, info, where=""):
+        super().__init__(model, optimizer, sched, loss, data, h, seed, dev)
+        self.where, self.info = where, info
+        self.dtype = devices.dtype(h.dtype, "train.dtype")
+        self.rows = _Rows()
+        self.step = 0
+        # on the CPU reading the loss costs nothing; on accelerators it syncs: check in batches
+        self.host = dev.type == "cpu"
+        self.check_every = 1 if self.host else 25
+
+    def measure(self, step: int, epoch: int) -> dict:
+        """Loss and accuracy on every evaluation split (and their history rows)."""
+        metrics = {}
+        for split, part in self.data.eval_splits().items():
+            lo, ac = evaluate(self.model, part, self.loss, self.h.eval_batch_size)
+            metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = lo, ac
+            self.rows.add_eval((step, epoch, SPLITS.index(split), lo, ac, self.sched.lr))
+        return metrics
+
+    def begin(self) -> dict:
+        return self.measure(0, 0)
 
     def record(self, out) -> None:
         """The step's history row (after the update: its loss, accuracy and lr)."""
