@@ -6,7 +6,8 @@ masked lottery level, a stitching layer, a weight mask - is a task on this engin
     out = task.forward_backward(batch)     # loss and gradients of one batch
     callbacks.before_update(run)           # e.g. the mechanics trace, gradient masks
     task.update()                          # the optimizer step
-    callbacks.after_update(run, out)       # e.g. history rows, weight masks
+    callbacks.after_update(run, out)       # e.g. history rows, weight masks (run.step does
+                                           # not count this update yet: it is step + 1 after it)
     step += 1; task.check(out, ...)        # divergence: error, or end the run as "diverged"
     at the epoch's last batch: metrics = task.end_epoch(epoch); callbacks.on_epoch_end(run)
     at a scheduled step: save the resume state (callbacks.on_save(run, metrics, resume_only) first)
