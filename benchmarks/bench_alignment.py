@@ -61,7 +61,7 @@ def naive_columns(h, columns):
 
 
 def kernel_part(repeats: int, naive_count: int) -> None:
-    from pipeline.alignment.cka import kernel_of
+    from pipeline.modelsym.cka import kernel_of
 
     x, _ = features(N, 0)
     columns = [round((k + 0.5) * N / naive_count) for k in range(naive_count)]
@@ -106,7 +106,7 @@ def peak_rss_gib() -> float:
 
 def one_setting(options: str, folder: str) -> None:
     """Child process: one G_ReLU-CKA; prints wall, CPU seconds, peak RSS and the value."""
-    from pipeline.alignment import Pair, compare
+    from pipeline.modelsym.similarity import Pair, compare
 
     d = Path(folder)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -121,7 +121,7 @@ def one_setting(options: str, folder: str) -> None:
 
 
 def whole_part(repeats: int, samples: int) -> None:
-    from pipeline.zoo.features import write_feature_file
+    from pipeline.modelsym.features import write_feature_file
 
     runs = {label: [] for label in SETTINGS}
     with tempfile.TemporaryDirectory() as tmp:

@@ -78,7 +78,7 @@ JOBS = {
         " f\"{args['tmp']}/plot-{tag}.pdf\", f\"{args['tmp']}/plot-{tag}.png\")",
     ),
     "zoo (modelsym mlp, 1 epoch)": (
-        "from pipeline.zoo.study import train_members",
+        "from pipeline.modelsym.study import train_members",
         "    train_members(f\"{args['tmp']}/zoo-{tag}\", args['zoo'], args['seeds'],"
         " code=args['zoo_code'])",
     ),
@@ -108,8 +108,8 @@ def _arguments(tmp: str) -> dict:
     """What the rules pass the jobs (non-default hyperparameters, code fingerprints)."""
     from pipeline import config as cfg
     from pipeline.fingerprint import code_fingerprint
+    from pipeline.modelsym import study as zoo_study
     from pipeline.registry import source_constant
-    from pipeline.zoo import study as zoo_study
 
     config = cfg.load(ROOT / "config" / "config.yaml")
     run = cfg.expand_runs("digits_teacher", config["studies"]["digits_teacher"])[0]

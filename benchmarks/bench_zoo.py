@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pipeline.config import expand_runs
 from pipeline.data import load as load_data
 from pipeline.models import build
-from pipeline.zoo.train import train_zoo
+from pipeline.modelsym.zoo import train_zoo
 
 K = 16
 

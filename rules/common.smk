@@ -290,7 +290,7 @@ def interpolation_inputs(wildcards):
 
 
 # -- modelsym: zoos, features, alignment, stitching --------------------------------------------
-from pipeline.zoo import study as zoo_study  # noqa: E402
+from pipeline.modelsym import study as zoo_study  # noqa: E402
 
 
 def member_file(study, zoo, seed):

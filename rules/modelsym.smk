@@ -1,8 +1,8 @@
 # Model zoos, representation alignment and stitching (Godfrey et al.): members (vectorised zoo
 # jobs, or ordinary runs selected on validation), their features on a probe set, every similarity
 # measure and stitching type over sampled pairs, the rotation control, one table per part.
-from pipeline.alignment import register_similarity
-from pipeline.stitching import register_stitching_layer
+from pipeline.modelsym.similarity import register_similarity
+from pipeline.modelsym import register_stitching_layer
 
 
 for study, zoo, chunk, seeds in ZOO_CHUNKS:

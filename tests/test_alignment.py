@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import examples
 
-from pipeline.alignment import Pair, compare, register_similarity
-from pipeline.alignment.cka import cka, hsic1, kernel_of
-from pipeline.alignment.procrustes import grelu_procrustes, ortho_procrustes
-from pipeline.zoo.features import write_feature_file
+from pipeline.modelsym.cka import cka, hsic1, kernel_of
+from pipeline.modelsym.features import write_feature_file
+from pipeline.modelsym.procrustes import grelu_procrustes, ortho_procrustes
+from pipeline.modelsym.similarity import Pair, compare, register_similarity
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -312,7 +312,7 @@ def test_alignment_figures_draw_from_the_tables(feature_pair, tmp_path):
 def test_collect_tables_concatenates_pairs(feature_pair, tmp_path):
     import pandas as pd
 
-    from pipeline.alignment import collect_tables
+    from pipeline.modelsym.similarity import collect_tables
 
     pair, _, _ = feature_pair
     paths = []

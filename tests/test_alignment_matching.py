@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.alignment import Pair, compare
-from pipeline.alignment.matching import barriers, interpolation_curve, weight_matching
 from pipeline.config import expand_runs
 from pipeline.data import load
 from pipeline.models import build, neuron_structure
+from pipeline.modelsym.matching import barriers, interpolation_curve, weight_matching
+from pipeline.modelsym.members import read_member, save_member
+from pipeline.modelsym.similarity import Pair, compare
+from pipeline.modelsym.zoo import train_zoo
 from pipeline.symmetry.actions import permute, random_element
-from pipeline.zoo.members import read_member, save_member
-from pipeline.zoo.train import train_zoo
 
 MODELS = [
     ("mlp", (1, 8, 8), {"widths": [12, 10]}),
@@ -57,7 +57,7 @@ def test_weight_matching_recovers_a_planted_permutation_of_option_a_streams():
     """Option-A ResNet: the stage-1 stream runs on inside stages 2 and 3 (zero-padded
     shortcuts); a planted permutation of every group is found again, and undoing it restores
     every parameter, the padded channels included."""
-    from pipeline.alignment.matching import structure_for
+    from pipeline.modelsym.matching import structure_for
 
     shape = (3, 8, 8)
     model = build("resnet20_option_a", shape, 10, {}, seed=1, dtype=torch.float64)
@@ -156,7 +156,7 @@ def test_batch_norm_interpolation_reestimates_statistics():
     curve = interpolation_curve(model, state, state, {"test": data.test}, [0.0, 0.5, 1.0], inputs)
     # statistics re-estimated from data, not the initial (0, 1): the loss differs from the
     # untouched model's, and is the same at every t of a constant path
-    from pipeline.alignment.matching import evaluate_model
+    from pipeline.modelsym.matching import evaluate_model
 
     initial_loss, _ = evaluate_model(model, data.test)
     assert curve.loss.max() - curve.loss.min() < 1e-12

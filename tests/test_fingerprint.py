@@ -407,7 +407,7 @@ def test_stale_lists_the_frozen_jobs_whose_code_changed_and_accept_keeps_mtimes(
     tmp_path, monkeypatch, capsys
 ):
     from pipeline import stale
-    from pipeline.zoo import study as zoo_study
+    from pipeline.modelsym import study as zoo_study
 
     model = {"name": "mlp", "widths": [4]}
     config = {

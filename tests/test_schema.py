@@ -21,9 +21,9 @@ from pipeline.config import (
     validate,
 )
 from pipeline.masks.train import MaskHparams
+from pipeline.modelsym.stitching import StitchSettings
 from pipeline.recovery.cluster import ClusterHparams
 from pipeline.recovery.students import ExpandHparams, FitHparams
-from pipeline.stitching.train import StitchSettings
 from pipeline.teleport.hparams import TeleportHparams
 from pipeline.train.pruning import LotteryHparams
 

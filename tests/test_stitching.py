@@ -9,25 +9,25 @@ import json
 import pytest
 import torch
 
-from pipeline.alignment.matching import activation_matching, evaluate_model
 from pipeline.config import expand_runs
 from pipeline.data import load
 from pipeline.models import build, neuron_structure
-from pipeline.stitching import register_stitching_layer
-from pipeline.stitching.layers import Birkhoff, Permutation, sinkhorn
-from pipeline.stitching.model import build_stitched
-from pipeline.stitching.rotation import insert_transform, random_transform, rotation_control
-from pipeline.stitching.train import (
+from pipeline.modelsym import register_stitching_layer
+from pipeline.modelsym.matching import activation_matching, evaluate_model
+from pipeline.modelsym.members import load_member, read_member, save_member
+from pipeline.modelsym.rotation import insert_transform, random_transform, rotation_control
+from pipeline.modelsym.stitch_layers import Birkhoff, Permutation, sinkhorn
+from pipeline.modelsym.stitched import build_stitched
+from pipeline.modelsym.stitching import (
     StitchSettings,
     fit_features,
     stitch_layer_pair,
     stitch_pair,
     train_stitch,
 )
+from pipeline.modelsym.zoo import train_zoo
 from pipeline.symmetry.actions import random_element
 from pipeline.train.engine import TrainingDiverged
-from pipeline.zoo.members import load_member, read_member, save_member
-from pipeline.zoo.train import train_zoo
 
 DATA = None
 
@@ -400,7 +400,7 @@ def test_rotation_retraining_keeps_the_validation_best_state(member, draw):
     import copy
     import random
 
-    from pipeline.stitching.rotation import GROUPS, retrain_above
+    from pipeline.modelsym.rotation import GROUPS, retrain_above
     from pipeline.train.optim import SGD, Adam, multi_head_ce
 
     rng = random.Random(draw)

@@ -18,12 +18,12 @@ import torch
 from pipeline import io
 from pipeline.config import expand_runs
 from pipeline.models import build, neuron_structure
+from pipeline.modelsym.features import FeatureFile, extract_features
+from pipeline.modelsym.members import load_member, read_member, select_checkpoint
+from pipeline.modelsym.probes import activation_layers
+from pipeline.modelsym.zoo import train_zoo
 from pipeline.train.engine import ResumeStore, TrainingDiverged
 from pipeline.train.loop import train_run
-from pipeline.zoo.features import FeatureFile, extract_features
-from pipeline.zoo.layers import activation_layers
-from pipeline.zoo.members import load_member, read_member, select_checkpoint
-from pipeline.zoo.train import train_zoo
 
 STUDY = {
     "kind": "train",
@@ -112,7 +112,7 @@ def test_killed_zoo_resumes_bit_identically(zoo, tmp_path):
 
 STOPPABLE = """
 import json, sys
-from pipeline.zoo.train import train_zoo
+from pipeline.modelsym.zoo import train_zoo
 
 class Announce:  # tells the test an epoch ended, so it signals a job in progress
     def on_epoch_end(self, run):
@@ -208,7 +208,7 @@ def test_features_equal_forward_hooks_and_stream_in_blocks(zoo, tmp_path):
     assert (
         [layer.name for layer in ff.layers] == [layer.name for layer in layers] == ["act1", "act2"]
     )
-    from pipeline.zoo.members import member_data
+    from pipeline.modelsym.members import member_data
 
     data = member_data(record, "unused", dtype=torch.float64)
     x, y = next(data.test.eval_batches(100))
@@ -265,7 +265,7 @@ def test_option_a_resnet_trains_and_exposes_features(tmp_path):
 
 
 def test_sample_pairs_is_seeded_and_never_pairs_a_member_with_itself():
-    from pipeline.zoo import sample_pairs
+    from pipeline.modelsym import sample_pairs
 
     pairs = sample_pairs(range(10), 32, seed=1)
     assert pairs == sample_pairs(range(10), 32, seed=1) != sample_pairs(range(10), 32, seed=2)
@@ -278,7 +278,7 @@ def test_sample_pairs_are_distinct_in_either_order(draw):
     """(0, 1) and (1, 0) are one pair: a zoo of n members gives at most n (n - 1) / 2 pairs."""
     import random
 
-    from pipeline.zoo import sample_pairs
+    from pipeline.modelsym import sample_pairs
 
     rng = random.Random(draw)
     n = rng.randint(2, 7)

@@ -24,8 +24,8 @@ from pipeline import io
 from pipeline.config import Plan, load
 from pipeline.fingerprint import code_fingerprint
 from pipeline.layout import run_file
+from pipeline.modelsym import study as zoo_study
 from pipeline.registry import source_constant
-from pipeline.zoo import study as zoo_study
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """One similarity measure over every sampled pair of the study's zoos."""
 
+from pipeline.modelsym.study import alignment_table
 from pipeline.workflow import run_step
-from pipeline.zoo.study import alignment_table
 
 run_step(
     snakemake,

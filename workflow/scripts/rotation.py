@@ -1,7 +1,7 @@
 """The rotation/projection control on the study's listed members."""
 
+from pipeline.modelsym.study import rotation_table
 from pipeline.workflow import run_step
-from pipeline.zoo.study import rotation_table
 
 run_step(
     snakemake,

@@ -1,7 +1,7 @@
 """One stitching type over every sampled pair of the study's zoos."""
 
+from pipeline.modelsym.study import stitching_table
 from pipeline.workflow import run_step
-from pipeline.zoo.study import stitching_table
 
 run_step(
     snakemake,

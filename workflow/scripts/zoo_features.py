@@ -1,7 +1,7 @@
 """A zoo's members' activations at every probe layer, on the study's probe set (HDF5 each)."""
 
+from pipeline.modelsym.study import extract_all
 from pipeline.workflow import run_step
-from pipeline.zoo.study import extract_all
 
 run_step(
     snakemake,

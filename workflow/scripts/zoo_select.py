@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
+from pipeline.modelsym.members import select_checkpoint
 from pipeline.workflow import run_step
-from pipeline.zoo.members import select_checkpoint
 
 run_step(snakemake, select_checkpoint, Path(snakemake.input.manifest).parent, snakemake.output[0])

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.modelsym.study import train_members
 from pipeline.workflow import run_step
-from pipeline.zoo.study import train_members
 
 run_step(
     snakemake,

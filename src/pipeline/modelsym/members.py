@@ -7,7 +7,7 @@ A member file (``torch.save`` of plain containers, loaded with ``weights_only=Tr
     info      input_shape, num_classes (what rebuilding the model needs)
     epoch, step, metrics   where the checkpoint was taken, its val/test loss and accuracy
 
-Vectorised zoo training (:mod:`pipeline.zoo.train`) writes them directly; a model trained as an
+Vectorised zoo training (:mod:`pipeline.modelsym.zoo`) writes them directly; a model trained as an
 ordinary run (BatchNorm models) becomes a member by :func:`select_checkpoint`, which picks the
 checkpoint with the best *validation* metric from the run's manifest: never the test set.
 """

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from pipeline import io
 from pipeline.config import Run, expand_runs, register_study_kind
-from pipeline.zoo import sample_pairs
+from pipeline.modelsym import sample_pairs
 
 #: What a vectorised zoo job's recorded code fingerprint covers (config: :func:`zoo_hparams`).
-ZOO_CODE = "pipeline.zoo.study:train_members"
+ZOO_CODE = "pipeline.modelsym.study:train_members"
 
 
 def _zoo_study(study: dict, zoo: dict) -> dict:
@@ -81,12 +81,12 @@ def train_members(
     threads: int = 1,
     code: str | None = None,
 ) -> dict:
-    """One vectorised job: a member file per seed (see :func:`pipeline.zoo.train.train_zoo`);
+    """One vectorised job: a member file per seed (see :func:`pipeline.modelsym.zoo.train_zoo`);
     ``nondefault``: :func:`zoo_hparams`. ``summary.json`` records the code fingerprint
     (:data:`ZOO_CODE`, as for runs: :mod:`pipeline.runs`): ``code``, or computed here if not
     given."""
     from pipeline.config import resolve_hparams
-    from pipeline.zoo.train import train_zoo
+    from pipeline.modelsym.zoo import train_zoo
 
     summary = train_zoo(
         out_dir,
@@ -107,7 +107,7 @@ def train_members(
 
 def extract_all(members: list, outs: list, data_dir="data", device="cpu", **probe) -> None:
     """Features of several members (one job per zoo), each to its own HDF5 file."""
-    from pipeline.zoo.features import extract_features
+    from pipeline.modelsym.features import extract_features
 
     for member, out in zip(members, outs, strict=True):
         extract_features(member, out, data_dir=data_dir, device=device, **probe)
@@ -127,7 +127,7 @@ def alignment_table(
     import pandas as pd
     import torch
 
-    from pipeline.alignment import Pair, compare
+    from pipeline.modelsym.similarity import Pair, compare
 
     torch.set_num_threads(threads)
     frames = []
@@ -165,7 +165,7 @@ def stitching_table(
     import pandas as pd
     import torch
 
-    from pipeline.stitching.train import stitch_pair
+    from pipeline.modelsym.stitching import stitch_pair
 
     torch.set_num_threads(threads)
     frames = [
@@ -193,7 +193,7 @@ def rotation_table(
     import pandas as pd
     import torch
 
-    from pipeline.stitching.rotation import rotation_control
+    from pipeline.modelsym.rotation import rotation_control
 
     torch.set_num_threads(threads)
     options = {k: v for k, v in options.items() if k != "zoos"}

@@ -35,8 +35,8 @@ import itertools
 import torch
 
 from pipeline import devices
-from pipeline.alignment import layer_pairs, register_similarity, table_rows
-from pipeline.alignment.moments import single_moments, tensor_blocks
+from pipeline.modelsym.moments import single_moments, tensor_blocks
+from pipeline.modelsym.similarity import layer_pairs, register_similarity, table_rows
 
 ROWS = 500  # default rows per block (capped by the feature file's budget; 0: the budget alone)
 

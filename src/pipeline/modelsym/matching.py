@@ -31,9 +31,9 @@ import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.alignment import register_similarity
-from pipeline.alignment.moments import pair_moments, tensor_blocks
 from pipeline.models.structure import NeuronStructure, Slice, StructureError
+from pipeline.modelsym.moments import pair_moments, tensor_blocks
+from pipeline.modelsym.similarity import register_similarity
 from pipeline.symmetry.actions import permute
 
 
@@ -249,7 +249,7 @@ def weight_matching_barrier(
     """Loss/accuracy along the linear path from member a to member b, before and after weight
     matching; columns aligned, t, split, loss, accuracy, loss_barrier, accuracy_barrier.
     ``bn_batches``: training batches for BN re-estimation (0: the whole training split)."""
-    from pipeline.zoo.members import load_member, member_data
+    from pipeline.modelsym.members import load_member, member_data
 
     model_a, rec_a = load_member(pair.a, pair.device)
     model_b, rec_b = load_member(pair.b, pair.device)

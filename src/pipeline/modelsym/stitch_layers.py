@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.stitching import register_stitching_layer
+from pipeline.modelsym import register_stitching_layer
 
 
 def apply_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -227,7 +227,7 @@ class Permutation(StitchLayer):
         self.fitted = False
 
     def fit(self, x, y):
-        from pipeline.alignment.matching import activation_matching
+        from pipeline.modelsym.matching import activation_matching
 
         p, d, live = activation_matching(x, y)
         w = torch.zeros(self.n_out, self.n_in, dtype=self.matrix.dtype)
@@ -261,7 +261,7 @@ class Orthogonal(StitchLayer):
     def fit(self, x, y):
         if self.init != "procrustes":
             return
-        from pipeline.alignment.moments import pair_moments, tensor_blocks
+        from pipeline.modelsym.moments import pair_moments, tensor_blocks
 
         cross = pair_moments(tensor_blocks(y), tensor_blocks(x)).cross  # sum y x^T
         u, _, vh = torch.linalg.svd(cross, full_matrices=False)

@@ -28,11 +28,11 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from pipeline import seeding
-from pipeline.alignment.matching import evaluate_model
-from pipeline.stitching.layers import apply_channels
+from pipeline.modelsym.matching import evaluate_model
+from pipeline.modelsym.probes import LayerError, trace
+from pipeline.modelsym.stitch_layers import apply_channels
 from pipeline.train.engine import Engine
 from pipeline.train.optim import SGD, Adam, multi_head_ce
-from pipeline.zoo.layers import LayerError, trace
 
 GROUPS = ("grelu", "orthogonal", "identity")
 
@@ -197,8 +197,8 @@ def rotation_control(
 ) -> pd.DataFrame:
     """The rotation table of one member: a row per (layer, group, repeat)."""
     from pipeline import devices
-    from pipeline.zoo.layers import feature_extractor
-    from pipeline.zoo.members import load_member, member_data
+    from pipeline.modelsym.members import load_member, member_data
+    from pipeline.modelsym.probes import feature_extractor
 
     dev = devices.resolve(device)
     model, record = load_member(member, dev)

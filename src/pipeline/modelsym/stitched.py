@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
 
-from pipeline.zoo.layers import LayerError, trace
+from pipeline.modelsym.probes import LayerError, trace
 
 BN_MODES = ("eval", "train")
 
@@ -96,7 +96,7 @@ def has_batch_norm(gm: nn.Module) -> bool:
 def reestimate_stitched(gm: GraphModule, batches) -> None:
     """Re-estimate every BatchNorm statistic of the stitched model over ``batches`` (inputs),
     frozen models in train mode and ``S`` in eval mode; ends in eval mode."""
-    from pipeline.alignment.matching import reestimate_bn
+    from pipeline.modelsym.matching import reestimate_bn
 
     reestimate_bn(gm, batches, eval_modules=(gm.stitch,))
     set_training(gm, False)
@@ -104,7 +104,7 @@ def reestimate_stitched(gm: GraphModule, batches) -> None:
 
 def layer_channels(model: nn.Module, layer: str, x: torch.Tensor) -> int:
     """Channels (axis 1) of ``model``'s output at node ``layer`` on example inputs ``x``."""
-    from pipeline.zoo.layers import feature_extractor
+    from pipeline.modelsym.probes import feature_extractor
 
     was = model.training
     model.eval()

@@ -14,7 +14,7 @@ the best validation accuracy (the first of equals). The test numbers are only re
 
 Limits (clear errors): no BatchNorm (running statistics are per-member mutable state), no
 active dropout, no plateau schedule (the learning rate is shared). Those models train as
-ordinary runs and become members through :func:`pipeline.zoo.members.select_checkpoint`.
+ordinary runs and become members through :func:`pipeline.modelsym.members.select_checkpoint`.
 
 The training is a :class:`ZooTask` on the one engine (:mod:`pipeline.train.engine`): the step is
 the vmapped loss of all members; the epoch end evaluates, selects and steps the schedule.
@@ -40,10 +40,10 @@ from torch.func import functional_call, stack_module_state, vmap
 from pipeline import io, seeding
 from pipeline.config import DatasetHparams, TrainHparams, run_fingerprint
 from pipeline.data.tensors import TensorData, augment
+from pipeline.modelsym.members import save_member
 from pipeline.train.engine import Engine, ResumeStore
 from pipeline.train.optim import Schedule, loss_fn, make_optimizer, predictions
 from pipeline.train.setup import placed_data, run_model
-from pipeline.zoo.members import save_member
 
 SPLITS = ("train", "val", "test")
 
@@ -59,7 +59,7 @@ def check_vectorisable(model: torch.nn.Module, name: str) -> None:
             raise ValueError(
                 f"model {name!r} has BatchNorm ({path}): its running statistics are mutable "
                 "per-model state, so it cannot train in a vectorised zoo; train it as separate "
-                "runs and select checkpoints with pipeline.zoo.members.select_checkpoint"
+                "runs and select checkpoints with pipeline.modelsym.members.select_checkpoint"
             )
         if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0:
             raise ValueError(

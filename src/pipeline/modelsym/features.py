@@ -7,7 +7,7 @@ two members are comparable sample by sample. Layout of ``features/{member}.h5``:
     labels   [N]                 int64 class labels
     logits   [N, outputs]        float32
     features/<layer>  [N, C, ...] float32, chunked along N (about 1 MiB per chunk)
-    attrs: layers (JSON list of pipeline.zoo.layers.Layer), member, split, size
+    attrs: layers (JSON list of pipeline.modelsym.probes.Layer), member, split, size
 
 Writing goes batch by batch into preallocated datasets and reading goes in row blocks
 (:meth:`FeatureFile.blocks`), so no feature set is ever held whole in memory.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipeline import io
-from pipeline.zoo.layers import Layer, LayerError, feature_extractor, select_layers
+from pipeline.modelsym.probes import Layer, LayerError, feature_extractor, select_layers
 
 CHUNK_BYTES = 1 << 20
 BLOCK_BYTES = 256 << 20  # default budget for one block of rows when reading
@@ -101,7 +101,7 @@ def extract_features(
     """Write the features of member file ``member`` at ``layers`` (``"activations"`` or node
     names) on the probe set (``split``, first ``size`` examples) to ``out``."""
     from pipeline import devices
-    from pipeline.zoo.members import load_member, member_data
+    from pipeline.modelsym.members import load_member, member_data
 
     dev = devices.resolve(device)
     model, record = load_member(member, dev)

@@ -6,11 +6,11 @@ the measure the job computes, so an edit re-runs only that measure's jobs and th
 read them.
 
 - ``grelu_procrustes`` / ``ortho_procrustes`` (diagonal layer pairs):
-  :mod:`pipeline.alignment.procrustes`;
+  :mod:`pipeline.modelsym.procrustes`;
 - ``grelu_cka``, ``linear_cka`` (textbook) and ``ortho_cka`` (the paper's "orthogonal" CKA), all
-  layer pairs: :mod:`pipeline.alignment.cka`;
+  layer pairs: :mod:`pipeline.modelsym.cka`;
 - ``weight_matching`` (git re-basin permutation alignment through the neuron structure, and the
-  loss barrier on the linear path before and after): :mod:`pipeline.alignment.matching`.
+  loss barrier on the linear path before and after): :mod:`pipeline.modelsym.matching`.
 
 Feature measures return ``layer_a, layer_b, position_a, position_b, label_a, label_b,
 similarity`` (+ ``distance`` for Procrustes); :func:`compare` adds ``metric``, ``a``, ``b``.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.registry import Registry
 
-register_similarity = Registry("similarity", "register_similarity", ("alignment",), skip=1)
+register_similarity = Registry("similarity", "register_similarity", ("modelsym",), skip=1)
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ class Pair:
     device: str = "cpu"
 
     def features(self):
-        """The two :class:`~pipeline.zoo.features.FeatureFile` (error if not given)."""
-        from pipeline.zoo.features import FeatureFile
+        """The two :class:`~pipeline.modelsym.features.FeatureFile` (error if not given)."""
+        from pipeline.modelsym.features import FeatureFile
 
         if self.features_a is None or self.features_b is None:
             raise ValueError("this similarity measure reads feature files: give features_a/_b")

@@ -14,7 +14,7 @@ channel columns; no centring (Godfrey et al.'s definitions).
   Invariant to any orthogonal map of the channels.
 
 Both report similarity ``1 - d``. The only data pass is the channel cross product
-``sum_b X_b^T Y_b`` and the channel norms (:mod:`pipeline.alignment.moments`).
+``sum_b X_b^T Y_b`` and the channel norms (:mod:`pipeline.modelsym.moments`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from pipeline.alignment import layer_pairs, register_similarity, table_rows
-from pipeline.alignment.moments import Moments, pair_moments, tensor_blocks
+from pipeline.modelsym.moments import Moments, pair_moments, tensor_blocks
+from pipeline.modelsym.similarity import layer_pairs, register_similarity, table_rows
 
 
 def grelu_from_moments(m: Moments) -> tuple[float, np.ndarray]:

@@ -25,9 +25,9 @@ import pandas as pd
 import torch
 
 from pipeline import seeding
-from pipeline.alignment.matching import evaluate_model
-from pipeline.stitching.layers import register_stitching_layer
-from pipeline.stitching.model import (
+from pipeline.modelsym.matching import evaluate_model
+from pipeline.modelsym.stitch_layers import register_stitching_layer
+from pipeline.modelsym.stitched import (
     build_stitched,
     has_batch_norm,
     layer_channels,
@@ -180,7 +180,7 @@ def train_stitch(gm, data, settings: StitchSettings, seed: int) -> dict:
 
 def fit_features(bottom, top, layer: str, data, examples: int, batch_size: int):
     """Features of both models at ``layer`` on the first ``examples`` training examples."""
-    from pipeline.zoo.layers import feature_extractor
+    from pipeline.modelsym.probes import feature_extractor
 
     xs, ys = [], []
     fa, fb = feature_extractor(bottom, [layer]).eval(), feature_extractor(top, [layer]).eval()
@@ -270,8 +270,8 @@ def stitch_pair(
     ``"activations"`` or a list of node names; ``settings``: :class:`StitchSettings` fields.
     """
     from pipeline import devices
-    from pipeline.zoo.layers import select_layers
-    from pipeline.zoo.members import load_member, member_data
+    from pipeline.modelsym.members import load_member, member_data
+    from pipeline.modelsym.probes import select_layers
 
     s = StitchSettings.from_dict(settings)
     dev = devices.resolve(device)
