@@ -93,6 +93,11 @@ register_section = Registry("hyperparameter section", "register_section")
 #: ``fn(study_name, study) -> list[Run]`` (the ``train`` kind is :func:`expand_runs`).
 register_study_kind = Registry("study kind", "register_study_kind")
 
+#: Jobs of a study kind, beyond its runs, that record the fingerprint of the code that made them
+#: (:mod:`pipeline.stale`): ``@register_recorded_jobs(kind)`` on a torch-free ``fn(study_name,
+#: study) -> list[(summary path, code target, config)]``.
+register_recorded_jobs = Registry("recorded jobs", "register_recorded_jobs")
+
 
 def sections(study: dict | None = None) -> dict[str, type]:
     """The hyperparameter sections of a study: the core ones, plus each registered section the

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import io
-from pipeline.config import Plan, load
+from pipeline.config import Plan, load, register_recorded_jobs
 from pipeline.fingerprint import code_fingerprint
 from pipeline.layout import run_file
-from pipeline.modelsym import study as zoo_study
 from pipeline.registry import source_constant
 
 
@@ -57,13 +56,9 @@ def stale_jobs(plan: Plan, root: str | Path = ".") -> list[Stale]:
             summary = root / run_file(name, run.name, "summary")
             found = _check(summary, run_file(name, run.name, "final"), train_code, run.hparams)
             out += [found] if found else []
-        for zoo, block in spec.get("zoos", {}).items():
-            if not block.get("vectorised", False):
-                continue
-            hparams = zoo_study.zoo_hparams(spec, zoo)
-            for c in range(len(zoo_study.chunks(spec, zoo))):
-                summary = f"results/{name}/zoo/{zoo}/chunk~{c}/summary.json"
-                found = _check(root / summary, summary, zoo_study.ZOO_CODE, hparams)
+        if spec["kind"] in register_recorded_jobs.names():
+            for summary, target, config in register_recorded_jobs.get(spec["kind"])(name, spec):
+                found = _check(root / summary, summary, target, config)
                 out += [found] if found else []
     return out
 

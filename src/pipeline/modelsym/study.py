@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import io
-from pipeline.config import Run, expand_runs, register_study_kind
+from pipeline.config import Run, expand_runs, register_recorded_jobs, register_study_kind
 from pipeline.modelsym import sample_pairs
 
 #: What a vectorised zoo job's recorded code fingerprint covers (config: :func:`zoo_hparams`).
@@ -64,6 +64,19 @@ def chunks(study: dict, zoo: str) -> list[list[int]]:
     seeds = list(block["seeds"])
     size = block.get("chunk", len(seeds)) or len(seeds)
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
+
+
+@register_recorded_jobs("modelsym")
+def recorded_jobs(name: str, study: dict) -> list[tuple[str, str, dict]]:
+    """The vectorised zoos' training jobs: ``(summary.json, code target, config)`` of each chunk
+    (each records the fingerprint of the code that trained it, see :mod:`pipeline.stale`)."""
+    out = []
+    for zoo, block in study.get("zoos", {}).items():
+        if block.get("vectorised", False):
+            hparams = zoo_hparams(study, zoo)
+            for c in range(len(chunks(study, zoo))):
+                out.append((f"results/{name}/zoo/{zoo}/chunk~{c}/summary.json", ZOO_CODE, hparams))
+    return out
 
 
 def pairs(study: dict, zoo: str) -> list[tuple[int, int]]:
