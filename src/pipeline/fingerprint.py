@@ -756,3 +756,15 @@ def code_closure(target: str, config=None, **choose) -> list[str]:
     field's declaration), sorted."""
     closure = _closure(*_key(target, config, choose))
     return [line.split(" ")[0] for line in closure.text.splitlines()]
+
+
+def record_code(summary: dict, path, target: str, config, code: str | None = None) -> dict:
+    """Write ``summary`` to ``path`` (JSON) with ``code``: the fingerprint of the code that made
+    it (:mod:`pipeline.stale` compares it with today's). ``code``: the one the workflow computed
+    while it built the job graph; ``None``: computed here (``code_fingerprint(target, config)``,
+    about 0.5 s)."""
+    if code is None:
+        code = code_fingerprint(target, config)
+    summary["code"] = str(code)
+    io.write_json(path, summary)
+    return summary

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import io
 from pipeline.layout import RunPaths
 from pipeline.registry import Registry
 from pipeline.train.loop import train_run
@@ -37,13 +36,9 @@ def train(root, hparams: dict, code: str | None = None, **kwargs) -> dict:
         if name in hparams
     ]
     summary = train_run(root, hparams, callbacks=tuple(callbacks), **kwargs)
-    if code is None:
-        from pipeline.fingerprint import code_fingerprint
+    from pipeline.fingerprint import record_code
 
-        code = code_fingerprint(TRAIN_CODE, hparams)
-    summary["code"] = str(code)
-    io.write_json(RunPaths(Path(root)).summary, summary)
-    return summary
+    return record_code(summary, RunPaths(Path(root)).summary, TRAIN_CODE, hparams, code)
 
 
 def train_many(roots: list, hparams: list[dict], codes: list | None = None, **kwargs) -> list:

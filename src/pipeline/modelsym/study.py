@@ -109,13 +109,9 @@ def train_members(
         data_dir=data_dir,
         threads=threads,
     )
-    if code is None:
-        from pipeline.fingerprint import code_fingerprint
+    from pipeline.fingerprint import record_code
 
-        code = code_fingerprint(ZOO_CODE, nondefault)
-    summary["code"] = str(code)
-    io.write_json(Path(out_dir) / "summary.json", summary)
-    return summary
+    return record_code(summary, Path(out_dir) / "summary.json", ZOO_CODE, nondefault, code)
 
 
 def extract_all(members: list, outs: list, data_dir="data", device="cpu", **probe) -> None:
