@@ -20,7 +20,7 @@ from pipeline.teleport.histograms import weight_histograms
 from pipeline.teleport.interpolation import interpolate_cob, interpolation_profile
 from pipeline.teleport.micro import micro_teleport_angles
 from pipeline.teleport.statistics import teleport_statistics
-from pipeline.teleport.study import COLUMNS, validation_table
+from pipeline.teleport.validation import COLUMNS, validation_table
 from pipeline.train.optim import loss_fn
 
 CE = loss_fn("ce")

@@ -4,7 +4,7 @@
   chosen epochs, one box per method (Standard / Teleported SGD, with and without momentum), each
   pooling learning rates x seeds; diverged runs are drawn as red crosses below the boxes and
   counted; under it the mean +- std curves over epochs. Table:
-  :data:`pipeline.teleport.study.COLUMNS`.
+  :data:`pipeline.teleport.validation.COLUMNS`.
 - ``micro_teleport`` (Fig. 4): histograms of the angles between gradient, micro-teleport
   displacement and random vectors (columns: pair, angle; optional model / batch_size).
 - ``teleport_interpolation`` (Fig. 5): loss and accuracy along the interpolation path, before

@@ -7,8 +7,9 @@
 - :mod:`~pipeline.teleport.training`: the ``D^-2`` preconditioner that trains a stock model as
   its teleported twin, the ``train_run`` callback, pseudo-teleportation and same-distribution
   controls;
-- experiments: :mod:`~pipeline.teleport.micro` (Fig. 4), :mod:`~pipeline.teleport.interpolation`
-  (Fig. 5), :mod:`~pipeline.teleport.study` (Fig. 6 table), :mod:`~pipeline.teleport.statistics`
-  (Fig. 7), :mod:`~pipeline.teleport.histograms` (Fig. 11);
+- experiments: :mod:`~pipeline.teleport.micro` (Fig. 4),
+  :mod:`~pipeline.teleport.interpolation` (Fig. 5), :mod:`~pipeline.teleport.validation` (Fig. 6
+  table), :mod:`~pipeline.teleport.statistics` (Fig. 7), :mod:`~pipeline.teleport.histograms`
+  (Fig. 11);
 - :mod:`~pipeline.teleport.tables`: the experiments from a study spec, one call per rule.
 """

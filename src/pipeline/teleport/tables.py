@@ -162,7 +162,7 @@ def write_study_table(kind: str, out, spec: dict, data_dir, runs: dict | None = 
     ``interpolation`` (``runs``: the two runs, ``spec`` the study's interpolation block) or
     ``validation`` (``runs``: every run of a Figure 6 grid, ``run name -> directory``).
     """
-    from pipeline.teleport.study import validation_table
+    from pipeline.teleport.validation import validation_table
 
     seed = int(spec.get("seed", 0))
     if kind == "micro":
