@@ -326,11 +326,3 @@ def stitch_pair(
                 }
             )
     return pd.DataFrame(rows)
-
-
-def penalty_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation of the penalty over pairs, per (stitch type, layer)."""
-    g = table.groupby(["stitch", "position", "label"], sort=True).penalty
-    out = g.agg(["mean", "std", "count"]).reset_index()
-    out["std"] = out["std"].fillna(0.0)
-    return out
