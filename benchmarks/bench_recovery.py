@@ -64,6 +64,10 @@ from pipeline.recovery.teachers import ProbeData, probe_distribution
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus")
 GAINS = {"sigmoid": 2.0}
+# deep teachers: every neuron at least this x as nonlinear on the inputs as a unit Gaussian
+# neuron (teachers.ToyTeacher.min_nonlinearity; dead, always active or near-linear neurons of
+# upper layers are not identifiable); 0 draws the family of before
+NONLINEAR = 0.25
 DEEP_SHAPES = {"2 layers": [(6, 8), (3, 5)], "3 layers": [(6, 8), (4, 6), (3, 4)]}
 
 
@@ -217,8 +221,10 @@ def deep_family(seeds: int) -> dict[str, tuple[str, dict]]:
                 gains={"tanh": 2.0, "sigmoid": 4.0, "relu": 2.0},
                 min_angle=30.0,
                 min_outgoing=0.5,
+                min_nonlinearity=NONLINEAR,
             )
-            groups.append([(name, (shape, spec)) for name, spec in problems.items()])
+            tag = f"-nl{NONLINEAR:g}" if NONLINEAR else ""  # other teachers, other names
+            groups.append([(name + tag, (shape, spec)) for name, spec in problems.items()])
     return dict(item for turn in zip(*groups, strict=True) for item in turn)
 
 
