@@ -57,7 +57,13 @@ from pipeline.recovery.cluster import (
 from pipeline.recovery.collapse import RecoveryFailed, reconstruct
 from pipeline.recovery.evaluate import compare, recovery_table
 from pipeline.recovery.plan import toy_family
-from pipeline.recovery.students import ExpandHparams, FitHparams, fit, train_students
+from pipeline.recovery.students import (
+    DEEP_POLISH,
+    ExpandHparams,
+    FitHparams,
+    fit,
+    train_students,
+)
 from pipeline.recovery.study import make_teacher
 from pipeline.recovery.teachers import ProbeData, probe_distribution
 
@@ -117,7 +123,8 @@ def _failed(name: str, chain: Chain, students, err: Exception) -> pd.DataFrame:
 def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
     """The trained students of a problem (deterministic on the CPU, so cached in ``cache``
     and shared by the runs of every part): ``(chain, result, CPU seconds of the training)``."""
-    path = cache / f"{name}-{expand.dtype}.pt" if cache else None
+    polished = "-polish" if expand.polish is not None else ""
+    path = cache / f"{name}-{expand.dtype}{polished}.pt" if cache else None
     if path is not None and path.exists():
         raw = torch.load(path, weights_only=False)
         return raw["chain"], raw["students"], raw["seconds"]
@@ -164,6 +171,15 @@ def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None)
 def expand_settings(dtype: str | None = None) -> ExpandHparams:
     h = ExpandHparams.from_dict(default_study()["expand"])
     return replace(h, dtype=dtype) if dtype else h
+
+
+def deep_expand() -> ExpandHparams:
+    """The deep family's students: the default's, polished by L-BFGS (``DEEP_POLISH``; none with
+    ``--no-deep-polish``, the students of before)."""
+    return replace(expand_settings(), polish=DEEP_POLISH if DEEP_POLISHED else None)
+
+
+DEEP_POLISHED = True
 
 
 def toy_problems(count: int) -> dict:
@@ -228,14 +244,15 @@ def deep_family(seeds: int) -> dict[str, tuple[str, dict]]:
     return dict(item for turn in zip(*groups, strict=True) for item in turn)
 
 
-def deep(seeds: int, out: Path, chosen: list[str]) -> None:
+def deep(seeds: int, out: Path, chosen: list[str], only: list[str] | None = None) -> None:
+    """``only``: the problems whose names start with one of these (e.g. ``relu-``)."""
     path = out / "deep.parquet"
     done = solved_problems(path)
     variants = {k: v for k, v in rules().items() if k in chosen}
     for name, (shape, spec) in deep_family(seeds).items():
-        if name in done:
+        if name in done or (only and not name.startswith(tuple(only))):
             continue
-        table = solve(name, spec, 2000, expand_settings(), variants, out / "students")
+        table = solve(name, spec, 2000, deep_expand(), variants, out / "students")
         table = table.assign(shape=shape)
         _append(path, table)
         for rule, rows in table.groupby("rule", sort=False):
@@ -465,6 +482,7 @@ def speed() -> None:
 
 
 def main() -> None:
+    global DEEP_POLISHED, NONLINEAR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--parts",
@@ -479,10 +497,18 @@ def main() -> None:
     )
     parser.add_argument("--rules", nargs="+", default=None, help="family/deep rules (default: all)")
     parser.add_argument("--deep-rules", nargs="+", default=["pipeline", "published"])
+    parser.add_argument("--deep-only", nargs="+", default=None, help="deep name prefixes")
+    parser.add_argument(
+        "--no-deep-polish", action="store_true", help="deep students without the L-BFGS polish"
+    )
+    parser.add_argument(
+        "--deep-nonlinearity", type=float, default=NONLINEAR, help="deep teachers' min_nonlinearity"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench_recovery"))
     parser.add_argument("--summary", action="store_true", help="only print the tables' summary")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    DEEP_POLISHED, NONLINEAR = not args.no_deep_polish, args.deep_nonlinearity
     if not args.summary:
         torch.set_num_threads(1)
         if "family" in args.parts:
@@ -494,7 +520,7 @@ def main() -> None:
             family(args.ablation_problems, args.out, minus, "family_ablation")
         if "deep" in args.parts:
             print(f"deep family ({args.seeds} seeds per shape, 1 thread):")
-            deep(args.seeds, args.out, args.deep_rules)
+            deep(args.seeds, args.out, args.deep_rules, args.deep_only)
         if "dtype" in args.parts:
             print("float32 vs float64 students (1 thread):")
             dtypes(args.dtype_problems, args.out)
