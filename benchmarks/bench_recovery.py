@@ -9,8 +9,10 @@
    with each of its additions switched off, on the first ``--ablation-problems``, into
    ``OUT/family_ablation.parquet``: with the first two, the ablation table.
 2. ``deep``: teachers with two and three hidden layers (tanh and sigmoid at gain 2, relu),
-   ``--seeds`` per shape: the rate per layer and overall, per rule (``--rules``), into
-   ``OUT/deep.parquet``.
+   every neuron nonlinear on the inputs (``--deep-nonlinearity``, default 0.25; 0: the family
+   of before), students polished by L-BFGS (``students.DEEP_POLISH``; ``--no-deep-polish``),
+   ``--seeds`` per shape (``--deep-only relu-``: those names only): the rate per layer and
+   overall, per rule (``--deep-rules``), into ``OUT/deep.parquet``.
 3. ``dtype``: seconds (CPU) per problem with float32 against float64 students, and the
    recovery distances each gives, on the first ``--dtype-problems`` problems of the family.
 4. ``students``: N = 10 students trained by one vectorised fit against ten plain sequential
