@@ -529,10 +529,12 @@ def test_a_layers_correction_lives_in_its_own_input_space(activation, seed):
 
 @pytest.mark.parametrize(
     "act, seed",
-    zip(
-        ("relu", "tanh", "sigmoid"),
-        [int(s) for s in np.random.default_rng(2026).integers(0, 2**31, 3)],
-        strict=True,
+    list(
+        zip(
+            ("relu", "tanh", "sigmoid"),
+            [int(s) for s in np.random.default_rng(2026).integers(0, 2**31, 3)],
+            strict=True,
+        )
     ),
 )
 def test_teachers_drawn_nonlinear_have_every_neuron_nonlinear_on_fresh_inputs(act, seed):
