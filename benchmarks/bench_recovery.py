@@ -9,8 +9,10 @@
    with each of its additions switched off, on the first ``--ablation-problems``, into
    ``OUT/family_ablation.parquet``: with the first two, the ablation table.
 2. ``deep``: teachers with two and three hidden layers (tanh and sigmoid at gain 2, relu),
-   ``--seeds`` per shape: the rate per layer and overall, per rule (``--rules``), into
-   ``OUT/deep.parquet``.
+   every neuron nonlinear on the inputs (``--deep-nonlinearity``, default 0.25; 0: the family
+   of before), students polished by L-BFGS (``students.DEEP_POLISH``; ``--no-deep-polish``),
+   ``--seeds`` per shape (``--deep-only relu-``: those names only): the rate per layer and
+   overall, per rule (``--deep-rules``), into ``OUT/deep.parquet``.
 3. ``dtype``: seconds (CPU) per problem with float32 against float64 students, and the
    recovery distances each gives, on the first ``--dtype-problems`` problems of the family.
 4. ``students``: N = 10 students trained by one vectorised fit against ten plain sequential
@@ -57,13 +59,23 @@ from pipeline.recovery.cluster import (
 from pipeline.recovery.collapse import RecoveryFailed, reconstruct
 from pipeline.recovery.evaluate import compare, recovery_table
 from pipeline.recovery.plan import toy_family
-from pipeline.recovery.students import ExpandHparams, FitHparams, fit, train_students
+from pipeline.recovery.students import (
+    DEEP_POLISH,
+    ExpandHparams,
+    FitHparams,
+    fit,
+    train_students,
+)
 from pipeline.recovery.study import make_teacher
 from pipeline.recovery.teachers import ProbeData, probe_distribution
 
 ROOT = Path(__file__).resolve().parents[1]
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "softplus")
 GAINS = {"sigmoid": 2.0}
+# deep teachers: every neuron at least this x as nonlinear on the inputs as a unit Gaussian
+# neuron (teachers.ToyTeacher.min_nonlinearity; dead, always active or near-linear neurons of
+# upper layers are not identifiable); 0 draws the family of before
+NONLINEAR = 0.25
 DEEP_SHAPES = {"2 layers": [(6, 8), (3, 5)], "3 layers": [(6, 8), (4, 6), (3, 4)]}
 
 
@@ -113,7 +125,8 @@ def _failed(name: str, chain: Chain, students, err: Exception) -> pd.DataFrame:
 def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
     """The trained students of a problem (deterministic on the CPU, so cached in ``cache``
     and shared by the runs of every part): ``(chain, result, CPU seconds of the training)``."""
-    path = cache / f"{name}-{expand.dtype}.pt" if cache else None
+    polished = "-polish" if expand.polish is not None else ""
+    path = cache / f"{name}-{expand.dtype}{polished}.pt" if cache else None
     if path is not None and path.exists():
         raw = torch.load(path, weights_only=False)
         return raw["chain"], raw["students"], raw["seconds"]
@@ -160,6 +173,15 @@ def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None)
 def expand_settings(dtype: str | None = None) -> ExpandHparams:
     h = ExpandHparams.from_dict(default_study()["expand"])
     return replace(h, dtype=dtype) if dtype else h
+
+
+def deep_expand() -> ExpandHparams:
+    """The deep family's students: the default's, polished by L-BFGS (``DEEP_POLISH``; none with
+    ``--no-deep-polish``, the students of before)."""
+    return replace(expand_settings(), polish=DEEP_POLISH if DEEP_POLISHED else None)
+
+
+DEEP_POLISHED = True
 
 
 def toy_problems(count: int) -> dict:
@@ -217,19 +239,22 @@ def deep_family(seeds: int) -> dict[str, tuple[str, dict]]:
                 gains={"tanh": 2.0, "sigmoid": 4.0, "relu": 2.0},
                 min_angle=30.0,
                 min_outgoing=0.5,
+                min_nonlinearity=NONLINEAR,
             )
-            groups.append([(name, (shape, spec)) for name, spec in problems.items()])
+            tag = f"-nl{NONLINEAR:g}" if NONLINEAR else ""  # other teachers, other names
+            groups.append([(name + tag, (shape, spec)) for name, spec in problems.items()])
     return dict(item for turn in zip(*groups, strict=True) for item in turn)
 
 
-def deep(seeds: int, out: Path, chosen: list[str]) -> None:
+def deep(seeds: int, out: Path, chosen: list[str], only: list[str] | None = None) -> None:
+    """``only``: the problems whose names start with one of these (e.g. ``relu-``)."""
     path = out / "deep.parquet"
     done = solved_problems(path)
     variants = {k: v for k, v in rules().items() if k in chosen}
     for name, (shape, spec) in deep_family(seeds).items():
-        if name in done:
+        if name in done or (only and not name.startswith(tuple(only))):
             continue
-        table = solve(name, spec, 2000, expand_settings(), variants, out / "students")
+        table = solve(name, spec, 2000, deep_expand(), variants, out / "students")
         table = table.assign(shape=shape)
         _append(path, table)
         for rule, rows in table.groupby("rule", sort=False):
@@ -459,6 +484,7 @@ def speed() -> None:
 
 
 def main() -> None:
+    global DEEP_POLISHED, NONLINEAR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--parts",
@@ -473,10 +499,18 @@ def main() -> None:
     )
     parser.add_argument("--rules", nargs="+", default=None, help="family/deep rules (default: all)")
     parser.add_argument("--deep-rules", nargs="+", default=["pipeline", "published"])
+    parser.add_argument("--deep-only", nargs="+", default=None, help="deep name prefixes")
+    parser.add_argument(
+        "--no-deep-polish", action="store_true", help="deep students without the L-BFGS polish"
+    )
+    parser.add_argument(
+        "--deep-nonlinearity", type=float, default=NONLINEAR, help="deep teachers' min_nonlinearity"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench_recovery"))
     parser.add_argument("--summary", action="store_true", help="only print the tables' summary")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    DEEP_POLISHED, NONLINEAR = not args.no_deep_polish, args.deep_nonlinearity
     if not args.summary:
         torch.set_num_threads(1)
         if "family" in args.parts:
@@ -488,7 +522,7 @@ def main() -> None:
             family(args.ablation_problems, args.out, minus, "family_ablation")
         if "deep" in args.parts:
             print(f"deep family ({args.seeds} seeds per shape, 1 thread):")
-            deep(args.seeds, args.out, args.deep_rules)
+            deep(args.seeds, args.out, args.deep_rules, args.deep_only)
         if "dtype" in args.parts:
             print("float32 vs float64 students (1 thread):")
             dtypes(args.dtype_problems, args.out)

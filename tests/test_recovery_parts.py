@@ -525,3 +525,45 @@ def test_a_layers_correction_lives_in_its_own_input_space(activation, seed):
     assert net_chain.skips == (1, 2)
     assert float(net["skip.out.weight"].abs().max()) < 1e-9
     torch.testing.assert_close(forward(net_chain, net, x)[0], data.y, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "act, seed",
+    list(
+        zip(
+            ("relu", "tanh", "sigmoid"),
+            [int(s) for s in np.random.default_rng(2026).integers(0, 2**31, 3)],
+            strict=True,
+        )
+    ),
+)
+def test_teachers_drawn_nonlinear_have_every_neuron_nonlinear_on_fresh_inputs(act, seed):
+    """``min_nonlinearity``: every neuron of a drawn deep teacher keeps a part no affine function
+    of its pre-activation explains, on inputs the rejection never saw (relu: neither dead nor
+    always active; at the deep family's gains); without it, upper relu layers often draw such
+    neurons (inputs nonnegative: a pre-activation's mean is comparable to its spread)."""
+    from pipeline.recovery.chain import incoming, states
+    from pipeline.recovery.teachers import nonaffine
+
+    rng = np.random.default_rng(seed)
+    widths = tuple(int(w) for w in rng.integers(3, 8, size=int(rng.integers(2, 4))))
+    gain = 4.0 if act == "sigmoid" else 2.0
+    spec = dict(input_dim=int(rng.integers(4, 10)), widths=widths, activation=act, gain=gain)
+    grid = (torch.arange(4001, dtype=F64) + 0.5) / 4001
+    unit = nonaffine(act, math.sqrt(2.0) * torch.special.erfinv(2 * grid - 1))
+    x = torch.randn(
+        20_000, spec["input_dim"], generator=torch.Generator().manual_seed(seed), dtype=F64
+    )
+
+    def lowest(chain, params):
+        hidden, out = states(chain, params, x), []
+        for layer in range(chain.depth):
+            v = incoming(chain, params, layer)[0]
+            z = hidden[layer].reshape(len(x), -1) @ v[:, :-1].T + v[:, -1]
+            out.append(float((nonaffine(act, z) / unit).min()))
+        return min(out)
+
+    assert lowest(*make_toy_teacher(ToyTeacher(**spec, seed=seed, min_nonlinearity=0.25))) > 0.2
+    if act == "relu":
+        plain = [make_toy_teacher(ToyTeacher(**spec, seed=seed + k)) for k in range(20)]
+        assert min(lowest(*teacher) for teacher in plain) < 0.2

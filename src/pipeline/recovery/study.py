@@ -4,11 +4,11 @@
 ``cluster``: students -> reconstructed network, cluster table, neuron and recovery tables.
 
 Teacher config (``teacher:``): ``{kind: toy, input_dim, widths, activation, outputs, weights,
-gain, bias_scale, min_angle, min_outgoing, seed}`` or ``{kind: run, run_dir}`` (a finished
-pipeline run of a plain MLP; its dataset gives the input shape). Probe config (``probe:``):
-``{inputs: gaussian | uniform, n, n_test, scale, seed}`` or ``{inputs: <dataset>, noise, subset,
-mask_inputs, seed}``. Everything derives from these and the seeds, so the cluster stage rebuilds
-the probe data instead of storing it.
+gain, bias_scale, min_angle, min_outgoing, min_nonlinearity, seed}`` or ``{kind: run,
+run_dir}`` (a finished pipeline run of a plain MLP; its dataset gives the input shape). Probe
+config (``probe:``): ``{inputs: gaussian | uniform, n, n_test, scale, seed}`` or ``{inputs:
+<dataset>, noise, subset, mask_inputs, seed}``. Everything derives from these and the seeds, so
+the cluster stage rebuilds the probe data instead of storing it.
 """
 
 from __future__ import annotations

@@ -6,8 +6,15 @@ A *toy teacher* is the registered ``mlp`` model with ``input_dim`` inputs, hidde
 ``uniform`` (same variances). Well-conditioned teachers are drawn by rejection: every pair of
 neurons of a layer is at least ``min_angle`` degrees apart (by ``|cos|`` of the incoming
 vectors ``[w; b]`` where the activation has a sign symmetry, so that ``v`` and ``-v`` count as
-close), and every neuron's outgoing norm is at least ``min_outgoing`` times the layer's mean
-outgoing norm.
+close), every neuron's outgoing norm is at least ``min_outgoing`` times the layer's mean
+outgoing norm, and every neuron is nonlinear on the inputs (:func:`nonaffine`, over ``N(0, I)``
+reference inputs, 4096 seeded by the teacher's seed): its part that no affine function of its
+pre-activation explains is at least ``min_nonlinearity`` times that of a neuron with unit
+Gaussian pre-activations. A neuron dead, active on a few points or always active (relu), or
+near-linear or saturated (tanh, sigmoid) is (almost) an affine function of its layer's inputs
+on the data, which cannot tell it from a linear term: the teacher's width is then not
+identifiable. Upper layers of deep relu teachers draw such neurons often (their inputs are
+nonnegative, so a pre-activation's mean is comparable to its spread).
 
 A *trained teacher* is any finished run of the pipeline whose model is a plain MLP.
 
@@ -27,7 +34,15 @@ from pathlib import Path
 import torch
 
 from pipeline import io, seeding
-from pipeline.recovery.chain import Chain, chain_of, forward, incoming, outgoing, stack
+from pipeline.recovery.chain import (
+    Chain,
+    chain_of,
+    forward,
+    incoming,
+    outgoing,
+    stack,
+    states,
+)
 
 SIGN_SYMMETRIC = {"relu", "leaky_relu", "tanh", "identity", "sigmoid", "softplus", "gelu", "silu"}
 
@@ -43,6 +58,7 @@ class ToyTeacher:
     bias_scale: float = 1.0
     min_angle: float = 0.0
     min_outgoing: float = 0.0
+    min_nonlinearity: float = 0.0
     seed: int = 0
     max_draws: int = 10_000
 
@@ -60,9 +76,18 @@ def _draw(gen, shape, fan_in, kind, dtype, scale=1.0):
     raise ValueError(f"teacher.weights: {kind!r} not allowed; allowed: normal, uniform")
 
 
-def well_conditioned(chain: Chain, params: dict, min_angle: float, min_outgoing: float) -> bool:
+def well_conditioned(
+    chain: Chain,
+    params: dict,
+    min_angle: float,
+    min_outgoing: float,
+    min_nonlinearity: float = 0.0,
+    reference: torch.Tensor | None = None,
+) -> bool:
     """Every layer's neurons pairwise >= ``min_angle`` degrees apart (``|cos|`` for activations
-    with a sign symmetry) and outgoing norms >= ``min_outgoing`` x the layer's mean."""
+    with a sign symmetry), outgoing norms >= ``min_outgoing`` x the layer's mean and, on the
+    ``reference`` inputs ``[n, d]``, every neuron's :func:`nonaffine` part >=
+    ``min_nonlinearity`` x that of a neuron with unit Gaussian pre-activations."""
     limit = math.cos(math.radians(min_angle))
     for layer in range(chain.depth):
         v = incoming(chain, params, layer)[0]
@@ -76,13 +101,45 @@ def well_conditioned(chain: Chain, params: dict, min_angle: float, min_outgoing:
         out_norm = outgoing(chain, params, layer)[0].norm(dim=1)
         if out_norm.min() < min_outgoing * out_norm.mean():
             return False
+    if min_nonlinearity > 0 and chain.activation != "identity":
+        grid = (torch.arange(4001, dtype=reference.dtype) + 0.5) / 4001
+        unit = nonaffine(chain.activation, math.sqrt(2.0) * torch.special.erfinv(2 * grid - 1))
+        hidden = states(chain, params, reference)
+        for layer in range(chain.depth):
+            v = incoming(chain, params, layer)[0]  # [width, fan_in + 1]
+            source = hidden[layer].reshape(len(reference), -1)
+            z = source @ v[:, :-1].T + v[:, -1]
+            if bool((nonaffine(chain.activation, z) < min_nonlinearity * unit).any()):
+                return False
     return True
+
+
+def nonaffine(activation: str, z: torch.Tensor) -> torch.Tensor:
+    """Per column of pre-activations ``z [n, k]``: the variance of ``sigma(z)`` that no affine
+    function of ``z`` explains, ``var(sigma(z)) (1 - R^2)``, divided by ``var(z)`` where
+    ``sigma`` is positively homogeneous (relu: then independent of the neuron's scale, which
+    its outgoing weight can take). 0 for a neuron affine (or constant) on the data."""
+    from pipeline.models.activations import TABLE, make
+
+    s = make(activation)(z)
+    zc, sc = z - z.mean(0), s - s.mean(0)
+    var_z = (zc * zc).mean(0).clamp_min(torch.finfo(z.dtype).tiny)
+    out = ((sc * sc).mean(0) - (zc * sc).mean(0) ** 2 / var_z).clamp_min(0.0)
+    return out / var_z if TABLE[activation].homogeneous else out
 
 
 def make_toy_teacher(spec: ToyTeacher, dtype=torch.float64) -> tuple[Chain, dict]:
     """Draw a toy teacher: its chain and stacked parameters (one network)."""
     chain = spec.chain()
     gen = seeding.generator(spec.seed, "toy-teacher")
+    reference = None
+    if spec.min_nonlinearity > 0:
+        reference = torch.randn(
+            4096,
+            spec.input_dim,
+            generator=seeding.generator(spec.seed, "toy-teacher-reference"),
+            dtype=dtype,
+        )
     for _ in range(spec.max_draws):
         state = {}
         for i, name in enumerate(chain.layers):
@@ -94,11 +151,14 @@ def make_toy_teacher(spec: ToyTeacher, dtype=torch.float64) -> tuple[Chain, dict
                 gen, (fan_out,), fan_in, spec.weights, dtype, spec.gain * spec.bias_scale
             )
         params = stack([state])
-        if well_conditioned(chain, params, spec.min_angle, spec.min_outgoing):
+        if well_conditioned(
+            chain, params, spec.min_angle, spec.min_outgoing, spec.min_nonlinearity, reference
+        ):
             return chain, params
     raise ValueError(
-        f"teacher: no draw in {spec.max_draws} met min_angle={spec.min_angle} and "
-        f"min_outgoing={spec.min_outgoing}; lower them"
+        f"teacher: no draw in {spec.max_draws} met min_angle={spec.min_angle}, "
+        f"min_outgoing={spec.min_outgoing} and min_nonlinearity={spec.min_nonlinearity}; "
+        "lower them"
     )
 
 
