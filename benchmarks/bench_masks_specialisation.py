@@ -42,13 +42,14 @@ the default's lr 0.03, alpha 3e-3 unless marked (paper: lr 1e-2, alpha 1e-4). Me
     400-400-200  0.0  1000 ones   0.037/0.040 0.010/0.329 0.056/0.048 1.59/0.96  0.137/0.634
     256-256      0.1   300 invert 0.161/0.214 0.012/0.085 0.011/0.004 1.17/0.94  0.161/0.696
     256-256      0.1   300 ones   0.161/0.214 0.039/0.630 0.644/0.089 3.17/2.37  0.161/0.696
-    384-384      0.1   300 ones             -           -           -       4.3            -
+    384-384      0.1   300 invert 0.091/0.130 0.010/0.140 0.021/0.005 1.17/1.01  0.115/0.618
+    384-384      0.1   300 ones   0.091/0.130 0.094/0.776 0.808/0.249 4.26/3.87  0.115/0.618
 
 ``p``: the paper's mask lr 1e-2 and alpha 1e-4. ``ratio a/m``: the inverse-mask claim's two
 checks (own drop over the other operation's drop, claim >= 3; every row but the last fails).
 ``IoU a/m,same``: hidden IoU of the add and mul masks, and of two same-operation masks. CPU
 seconds: 256-256 network 47-75, masks (5 stages) 25 at 300 steps, 82 at 1000, 250 at 3000;
-400-400-200 network 108, masks 198 at 1000.
+400-400-200 network 108, masks 198 at 1000; 384-384 network 74, masks 38 at 300.
 The unmasked 400-400-200 reaches 0.995 / 0.950 (add / mul) in 25 epochs.
 
 Without dropout the inverse-mask claim fails in every setting run here: with every layer
@@ -56,7 +57,8 @@ inverted (the paper's protocol) removing either mask breaks both operations (bot
 near 0), at 256-256 and 400-400-200, from 300 to 3000 mask steps, with masks from 45% down to 4%
 of the weights and with the paper's mask lr/alpha. Leaving the input/output layers whole helps
 (ratio 1.6-1.7) but not to 3x; dropout 0.1 with the input/output layers whole is the one setting
-where it holds (384-384, the default; at 256-256 it misses, 3.17 / 2.37). The hidden-layer IoU
+where it holds (384-384, the default: 4.26 / 3.87; at 256-256 it misses, 3.17 / 2.37); with
+dropout and every layer inverted it fails too (1.17 at both widths). The hidden-layer IoU
 claim (add/mul below same-operation) holds in every row. The paper's scale (20,000 mask steps,
 config/paper/modules.yaml) is not measured here.
 """
