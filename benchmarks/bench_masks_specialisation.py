@@ -58,13 +58,13 @@ The unmasked 400-400-200 reaches 0.995 / 0.950 (add / mul) in 25 epochs.
 
 Without dropout the inverse-mask claim fails in every setting run here: with every layer
 inverted (the paper's protocol) removing either mask breaks both operations (both accuracies
-near 0), at 256-256 and 400-400-200, from 300 to 3000 mask steps, with masks from 45% down to
-4% of the weights, with the paper's mask lr/alpha and with the paper's network training.
-Leaving the input/output layers whole helps (ratio up to 1.7) but not to 3x; dropout 0.1 with the input/output layers whole is the one setting
-where it holds (384-384, the default: 4.26 / 3.87; at 256-256 it misses, 3.17 / 2.37); with
-dropout and every layer inverted it fails too (1.17 at both widths). The hidden-layer IoU
-claim (add/mul below same-operation) holds in every row. The paper's scale (20,000 mask steps,
-config/paper/modules.yaml) is not measured here.
+near 0), at 256-256 and 400-400-200, from 300 to 3000 mask steps, with masks from 45% down to 4%
+of the weights, with the paper's mask lr/alpha and with the paper's network training. Leaving
+the input/output layers whole helps (ratio up to 1.7) but not to 3x; dropout 0.1 with the
+input/output layers whole is the one setting where it holds (384-384, the default: 4.26 / 3.87;
+at 256-256 it misses, 3.17 / 2.37); with dropout and every layer inverted it fails too (1.17 at
+both widths). The hidden-layer IoU claim (add/mul below same-operation) holds in every row. The
+paper's scale (20,000 mask steps, config/paper/modules.yaml) is not measured here.
 """
 
 from __future__ import annotations
