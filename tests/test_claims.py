@@ -238,8 +238,17 @@ def test_masks_claims_on_planted_drops_and_overlaps(tmp_path):
 
     overlap = iou_rows([("add", "mul", 0.3), ("add", "add2", 0.6), ("mul", "mul2", 0.5)])
     stability = iou_rows([("add", "add2", 0.6), ("mul", "mul2", 0.5)])
+    accuracy = pd.DataFrame(
+        {
+            "run": "seed~1",
+            "mask": ["none", "none", "add", "add", "mul", "mul"],
+            "view": ["add", "mul", "add", "mul", "add", "mul"],
+            "accuracy": [1.0, 0.98, 0.99, 0.01, 0.02, 0.86],
+        }
+    )
     tables = {
         "masks/tables/inverse": inverse,
+        "masks/tables/accuracy": accuracy,
         "masks/tables/overlap": overlap,
         "masks/tables/stability": stability,
         "masks/tables/class_drop": pd.DataFrame(
@@ -266,6 +275,12 @@ def test_masks_claims_on_planted_drops_and_overlaps(tmp_path):
     out = _study(tmp_path, tables, spec, {"seed~1": {"seed": 1}})
     assert not _claim(out, "inverse_mask_specialises").holds
     assert not _claim(out, "specialised_masks_overlap_less").holds
+    # a mask that does not solve its own subtask removes little: its ratio does not count
+    tables["masks/tables/inverse"] = inverse
+    tables["masks/tables/accuracy"] = accuracy.assign(accuracy=[1.0, 0.98, 0.99, 0.01, 0.02, 0.3])
+    out = _study(tmp_path, tables, spec, {"seed~1": {"seed": 1}})
+    spurious = _claim(out, "inverse_mask_specialises")
+    assert not spurious.holds and spurious.value == pytest.approx(0.3 / 0.98)
 
 
 def test_teleport_claims(tmp_path):

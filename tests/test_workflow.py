@@ -225,8 +225,8 @@ def test_editing_a_claim_rechecks_only_its_studies_without_retraining(finished):
     claims = wf / "src" / "pipeline" / "claims" / "masks.py"
     source = claims.read_text()
     edited = source.replace(
-        "def inverse_mask_specialises(tables: Tables, context: Context, factor: float = 3.0):",
-        "def inverse_mask_specialises(tables: Tables, context: Context, factor: float = 3.5):",
+        "    tables: Tables, context: Context, factor: float = 3.0, solves: float = 0.5\n",
+        "    tables: Tables, context: Context, factor: float = 3.5, solves: float = 0.5\n",
     )
     assert edited != source
     claims.write_text(edited)

@@ -23,13 +23,21 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else (float("inf") if num > 0 else float("nan"))
 
 
-@register_claim("inverse_mask_specialises", tables=("masks/tables/inverse",))
-def inverse_mask_specialises(tables: Tables, context: Context, factor: float = 3.0):
+@register_claim(
+    "inverse_mask_specialises", tables=("masks/tables/inverse", "masks/tables/accuracy")
+)
+def inverse_mask_specialises(
+    tables: Tables, context: Context, factor: float = 3.0, solves: float = 0.5
+):
     """Removing a subtask's weights (the inverted mask) drops that subtask's accuracy at least
-    3x more than any other subtask's (add vs mul; pair 1 vs pair 2 of double addition).
+    3x more than any other subtask's (add vs mul; pair 1 vs pair 2 of double addition) - of a
+    mask that solves its subtask: alone it keeps at least half the network's accuracy there
+    (a mask that solves little removes little, and its ratio says nothing).
 
-    Per run, mask and other subtask: own drop / other drop."""
-    table = tables["masks/tables/inverse"]
+    Per run, mask and other subtask: own drop / other drop; per run and mask: the mask's
+    accuracy on its subtask / the unmasked network's."""
+    table, accuracy = tables["masks/tables/inverse"], tables["masks/tables/accuracy"]
+    acc = {(r.run, r.mask, r.view): r.accuracy for r in accuracy.itertuples()}
     subtask = _subtasks(context)
     rows = []
     for (run, mask), g in table.groupby(["run", "mask"], sort=True):
@@ -37,6 +45,17 @@ def inverse_mask_specialises(tables: Tables, context: Context, factor: float = 3
         own = subtask.get(mask)
         if own not in drops.index:
             continue
+        if (run, mask, own) in acc and (run, "none", own) in acc:
+            rows.append(
+                check(
+                    run,
+                    f"{mask} alone solves {own}",
+                    _ratio(acc[(run, mask, own)], acc[(run, "none", own)]),
+                    ">=",
+                    solves,
+                    _seed(context, run),
+                )
+            )
         for other in sorted(set(drops.index) - {own}):
             rows.append(
                 check(
