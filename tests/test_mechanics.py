@@ -317,13 +317,13 @@ def test_trace_and_cache_run_on_every_registered_model(tmp_path, monkeypatch, na
     column sums of the logit layer cancel to far below the sum of their magnitudes)."""
     import torch
 
+    import pipeline.data
     from pipeline.models import build, neuron_structure, register_model
     from pipeline.symmetry.groups import rescale_sets, scale_sets
-    from pipeline.train import loop
 
     torch.set_num_threads(1)
     shape, opts = _small_case(name)
-    monkeypatch.setattr(loop, "load_data", _synthetic(shape))
+    monkeypatch.setattr(pipeline.data, "load", _synthetic(shape))  # train.setup.placed_data's
     model = {"name": name, **opts}
     if "bn_eps" in register_model.entry(name).params:
         model["bn_eps"] = 1e-12
