@@ -34,30 +34,13 @@ from scipy.optimize import linear_sum_assignment
 from pipeline.models.structure import NeuronStructure, Slice, StructureError
 from pipeline.modelsym.moments import pair_moments, tensor_blocks
 from pipeline.modelsym.similarity import register_similarity
-from pipeline.symmetry.actions import permute
+from pipeline.symmetry.actions import group_slices, permute, permuted
 
 
 def _neuron_rows(t: torch.Tensor, sl: Slice, size: int) -> torch.Tensor:
     """``[size, -1]``: each neuron's entries of ``t`` along the slice's axis."""
     x = t.movedim(sl.axis, 0)[sl.start : sl.start + size * sl.block]
     return x.reshape(size, sl.block, *x.shape[1:]).reshape(size, -1)
-
-
-def _permute_slice(t: torch.Tensor, sl: Slice, perm: torch.Tensor) -> torch.Tensor:
-    """``t`` with the neurons of slice ``sl`` reordered by ``perm`` (new i = old ``perm[i]``)."""
-    idx = torch.arange(t.shape[sl.axis])
-    moved = (perm[:, None] * sl.block + torch.arange(sl.block)).reshape(-1) + sl.start
-    idx[sl.start : sl.start + moved.numel()] = moved
-    return t.index_select(sl.axis, idx)
-
-
-def _slices(group):
-    for b in group.branches:
-        yield from b.linear
-        yield from b.norm
-        yield from b.stats
-    yield from group.outgoing
-    yield from getattr(group, "normalised_by", ())  # downstream BN statistics of its neurons
 
 
 def _free_groups(structure: NeuronStructure) -> dict:
@@ -84,7 +67,7 @@ def weight_matching(
     a = {k: v.detach().double() for k, v in state_a.items() if v.is_floating_point()}
     b = {k: v.detach().double() for k, v in state_b.items() if v.is_floating_point()}
     free = _free_groups(structure)
-    owned = {name: [sl for g in members for sl in _slices(g)] for name, members in free.items()}
+    owned = {name: [sl for g in ms for sl in group_slices(g)] for name, ms in free.items()}
     touching: dict[str, list] = {}  # parameter -> [(free group, slice)] that index it
     for name, slices in owned.items():
         for sl in slices:
@@ -98,7 +81,7 @@ def weight_matching(
         t = b[param]
         for name, sl in touching[param]:
             if name != group:
-                t = _permute_slice(t, sl, perms[name])
+                t = permuted(t, sl, perms[name])
         return t
 
     for _ in range(max_sweeps):

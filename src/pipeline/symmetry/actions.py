@@ -40,16 +40,18 @@ def _scale(state: dict, sl: Slice, values: torch.Tensor, power: int = 1) -> None
     state[sl.param] = t * f**power
 
 
-def _permute(state: dict, sl: Slice, perm: torch.Tensor) -> None:
-    t = state[sl.param]
+def permuted(t: torch.Tensor, sl: Slice, perm: torch.Tensor) -> torch.Tensor:
+    """``t`` with the neurons of slice ``sl`` reordered by ``perm`` (new i = old ``perm[i]``)."""
     idx = torch.arange(t.shape[sl.axis], device=t.device)
     block = torch.arange(sl.block, device=t.device)
     moved = (perm.to(t.device)[:, None] * sl.block + block).reshape(-1) + sl.start
     idx[sl.start : sl.start + moved.numel()] = moved
-    state[sl.param] = t.index_select(sl.axis, idx)
+    return t.index_select(sl.axis, idx)
 
 
-def _all_slices(group):
+def group_slices(group):
+    """Every slice a group's neurons own: incoming (per branch: linear, BatchNorm affine and
+    statistics), outgoing, and downstream BatchNorm statistics (``normalised_by``)."""
     for b in group.branches:
         yield from b.linear
         yield from b.norm
@@ -66,8 +68,8 @@ def permute(state: dict, structure: NeuronStructure, perms: dict) -> dict:
     for g in structure.groups:
         perm = perms.get(g.tied_to if g.tied_to else g.name)
         if perm is not None:
-            for sl in _all_slices(g):
-                _permute(state, sl, perm)
+            for sl in group_slices(g):
+                state[sl.param] = permuted(state[sl.param], sl, perm)
     return state
 
 

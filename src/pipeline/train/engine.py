@@ -120,20 +120,27 @@ class ResumeStore:
         return None
 
     def drop_after(self, step: int) -> None:
-        folder = Path(self.folder)
-        if not folder.is_dir():
-            return
-        for f in folder.iterdir():
-            if f.name.startswith("."):  # io.atomic_path's temporary of a killed write
-                f.unlink()
-        for f in self.files():
-            if int(f.stem.removeprefix("step")) > step:
-                f.unlink()
+        drop_after(self.folder, step, "step*.pt", "step")
 
     def clear_resume_only(self) -> None:
         for old in self.resume_only:
             old.unlink(missing_ok=True)
         self.resume_only = []
+
+
+def drop_after(folder, step: int, pattern: str, prefix: str = "") -> None:
+    """In ``folder``: delete the files ``pattern`` matches whose step (their stem after
+    ``prefix``) is past ``step``, and the temporaries of killed writes (``io.atomic_path``'s
+    dot-files). Resume states and a run's history segments are pruned alike on resume."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for f in folder.iterdir():
+        if f.name.startswith("."):
+            f.unlink()
+    for f in folder.glob(pattern):
+        if int(f.stem.removeprefix(prefix)) > step:
+            f.unlink()
 
 
 def _call(callbacks, hook: str, *args) -> None:
@@ -191,7 +198,6 @@ class Engine:
 
     # -- resume state ------------------------------------------------------------------------
     def state(self, metrics: dict) -> dict:
-        cuda = [torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else []
         return {
             **self.task.state_dict(),
             "fingerprint": self.fingerprint,
@@ -199,7 +205,10 @@ class Engine:
             "epoch": self.epoch,
             "batch": self.batch,
             "metrics": metrics,
-            "rng": {"torch": torch.get_rng_state(), "cuda": cuda[0] if cuda else []},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            },
             "callbacks": {
                 type(cb).__name__: cb.state_dict()
                 for cb in self.callbacks

@@ -26,7 +26,7 @@ from pipeline import devices, io, seeding
 from pipeline.config import CheckpointHparams, TrainHparams, run_fingerprint
 from pipeline.layout import RunPaths
 from pipeline.models import neuron_structure
-from pipeline.train.engine import Engine, ResumeStore
+from pipeline.train.engine import Engine, ResumeStore, drop_after
 from pipeline.train.engine import TrainingDiverged as TrainingDiverged  # re-exported
 from pipeline.train.optim import Schedule, evaluate, loss_fn, make_optimizer, predictions
 from pipeline.train.schedule import checkpoint_steps
@@ -199,11 +199,7 @@ class _Segments:
         self.drop_after(run.step)
 
     def drop_after(self, step: int) -> None:
-        folder = self.paths.segments
-        if folder.is_dir():
-            for f in folder.iterdir():
-                if f.name.startswith(".") or int(f.stem) > step:
-                    f.unlink()
+        drop_after(self.paths.segments, step, "*.npz")
 
     def on_save(self, run, metrics: dict, resume_only: bool) -> None:
         entry = None
