@@ -30,5 +30,5 @@ include: "rules/claims.smk"
 
 rule all:
     input:
-        all_targets(),
+        PLAN.targets(),
     default_target: True

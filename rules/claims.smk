@@ -3,9 +3,10 @@
 # claim, `snakemake results/claims.parquet` re-checks the existing results without retraining.
 # A claim that does not hold is a row of the table, never a failed job.
 
+
 rule claims:
     input:
-        lambda w: list(claim_tables(w.study).values()),
+        lambda w: list(PLAN.claim_tables(w.study).values()),
     output:
         "results/{study}/claims.parquet",
     log:
@@ -13,7 +14,7 @@ rule claims:
     benchmark:
         "results/{study}/benchmarks/claims.tsv"
     params:
-        tables=lambda w: claim_tables(w.study),
+        tables=lambda w: PLAN.claim_tables(w.study),
         spec=lambda w: PLAN.study(w.study),
         runs=claim_runs,
         code=code("claims.py", register_claim=lambda w: study_claims(w.study)),

@@ -1,5 +1,7 @@
-# All the Python of the workflow: config validation, wildcard constraints, input functions.
-# Cheap at parse time: no torch, no file reads beyond the config (dry runs of 10,000 jobs).
+# All the Python of the workflow: the plan (pipeline.studies: each study kind plans its studies,
+# validated before any job), wildcard constraints, code fingerprints, and input functions that
+# ask the plan. Cheap at parse time: no torch, no file reads beyond the config (dry runs of 10,000
+# jobs).
 import inspect
 import os
 import re
@@ -8,7 +10,8 @@ import sys
 # The jobs import the installed package (pip install -e .); the parser reads this checkout's.
 sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
-from pipeline.config import ConfigError, Plan  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.studies import Plan  # noqa: E402
 from pipeline.metrics import register_metric  # noqa: E402
 from pipeline.fingerprint import CodeError, Untracked, code_fingerprint, strings  # noqa: E402
 from pipeline.registry import source_constant  # noqa: E402
@@ -19,37 +22,20 @@ try:
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
-STUDIES = list(PLAN.runs)
+STUDIES = list(PLAN.kinds)
 FIGURES = PLAN.figures()
-CHUNKED = [s for s in STUDIES if PLAN.study(s).get("runs_per_job", 1) > 1]
-TRACED = [s for s in STUDIES if PLAN.study(s).get("train", {}).get("mechanics", False)]
-MECHANICS = [s for s in TRACED if s not in CHUNKED]
-MASKS = [s for s in STUDIES if "masks" in PLAN.study(s)]
-TELEPORT_GRID = [
-    s
-    for s in STUDIES
-    if "teleport" in PLAN.study(s)
-    or any(k.startswith("teleport.") for k in PLAN.study(s).get("sweep", {}))
-]
-INTERPOLATION = [s for s in STUDIES if "interpolation" in PLAN.study(s)]
-#: analysis-only study kinds: the table each writes, and the function that computes it
-ANALYSIS_TABLES = {
-    "teleport_micro": ("micro", "pipeline.teleport.tables", "micro_table"),
-    "teleport_statistics": ("statistics", "pipeline.teleport.tables", "statistics_table"),
-    "teleport_histograms": ("histograms", "pipeline.teleport.tables", "histogram_table"),
-}
-ANALYSIS = [s for s in STUDIES if PLAN.study(s)["kind"] in ANALYSIS_TABLES]
-MODELSYM = [s for s in STUDIES if PLAN.study(s)["kind"] == "modelsym"]
-RECOVERY = [s for s in STUDIES if PLAN.study(s)["kind"] == "recovery"]
-PRUNE = [s for s in STUDIES if "prune" in PLAN.study(s)]
-TRANSFER = [s for s in STUDIES if "transfer" in PLAN.study(s)]
-PLAIN = [s for s in STUDIES if s not in MECHANICS and s not in CHUNKED]
 DEVICE = config.get("device", "cpu")
 THREADS = config.get("threads", 1)
 
 
 def _alternatives(names):
     return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def studies(rule):
+    """The ``study`` wildcard constraint of the rules of family ``rule``: the studies whose kind
+    says the family applies (``pipeline.studies.StudyKind.rules``)."""
+    return _alternatives(PLAN.having(rule))
 
 
 wildcard_constraints:
@@ -59,53 +45,18 @@ wildcard_constraints:
     figure=_alternatives(FIGURES),
 
 
-# -- targets ----------------------------------------------------------------------------------
-def study_tables(study):
-    """The tables of a study that `all` builds: every metric table it lists, and its science's."""
-    spec, kind = PLAN.study(study), PLAN.study(study)["kind"]
-    tables = [f"results/{study}/cache/{metric}.parquet" for metric in spec.get("metrics", [])]
-    if study in MASKS:
-        tables.append(f"results/{study}/masks/tables/accuracy.parquet")
-    if study in TELEPORT_GRID:
-        tables.append(f"results/{study}/tables/validation.parquet")
-    if study in INTERPOLATION:
-        tables.append(f"results/{study}/tables/interpolation.parquet")
-    if study in ANALYSIS:
-        tables.append(f"results/{study}/tables/{ANALYSIS_TABLES[kind][0]}.parquet")
-    if study in RECOVERY:
-        tables.append(f"results/{study}/tables/recovery.parquet")
-    if study in RECOVERY + PRUNE and ("lottery" in spec or "prune" in spec):
-        tables.append(f"results/{study}/tables/lottery.parquet")
-    if study in MODELSYM:
-        tables += [
-            f"results/{study}/tables/{part}.parquet"
-            for part in ("alignment", "stitching", "rotation")
-            if part in spec
-        ]
-    if study in TRANSFER:
-        tables.append(f"results/{study}/transfer/accuracy.parquet")
-    return tables
-
-
-def all_targets():
-    """Every figure, every study's tables, and the claims of every study."""
-    tables = [t for study in STUDIES for t in study_tables(study)]
-    return [f"results/{fig}.pdf" for fig in FIGURES] + tables + ["results/claims.parquet"]
-
-
+# -- targets (each study kind plans its own: pipeline.studies) -----------------------------------
 def run_files(study):
     """The declared outputs of a run of ``study`` (file names in its directory)."""
-    traced = PLAN.study(study).get("train", {}).get("mechanics", False)
-    return [RUN_FILES[name] for name in declared(traced)]
-
-
-def _chunks(study):
-    size, runs = PLAN.study(study)["runs_per_job"], PLAN.runs[study]
-    return [(study, i // size, runs[i : i + size]) for i in range(0, len(runs), size)]
+    return [RUN_FILES[name] for name in declared(PLAN.kind(study).traced)]
 
 
 #: (study, chunk index, runs) for studies that train ``runs_per_job`` runs per job
-TRAIN_CHUNKS = [chunk for study in CHUNKED for chunk in _chunks(study)]
+TRAIN_CHUNKS = [
+    (study, index, runs)
+    for study in PLAN.having("chunked")
+    for index, runs in PLAN.kind(study).chunks()
+]
 
 
 # -- code fingerprints (the rule: pipeline/fingerprint.py, README "Re-runs") -------------------
@@ -149,7 +100,8 @@ def fingerprint(script, config, choose=None):
     that does not exist)."""
     try:
         path = os.path.join(SCRIPTS, script)
-        return "code:" + code_fingerprint(path, config, record=CODE_RECORDS, **(choose or {}))
+        digest = code_fingerprint(path, config, record=CODE_RECORDS, **(choose or {}))
+        return f"code:{digest}"
     except CodeError as err:
         raise WorkflowError(f"code fingerprint of workflow/scripts/{script}: {err}") from None
 
@@ -237,7 +189,7 @@ def cache_inputs(wildcards):
     inputs = {"summary": [run_file(study, r.name, "summary") for r in runs]}
     if "extract" in needs:
         inputs["extract"] = [f"results/{study}/extract/{r.name}.h5" for r in runs]
-    if "trace" in needs and study in TRACED:
+    if "trace" in needs and PLAN.kind(study).traced:
         inputs["trace"] = [run_file(study, r.name, "trace") for r in runs]
     return inputs
 
@@ -255,17 +207,10 @@ def figure_study(wildcards):
     return FIGURES[wildcards.figure][0]
 
 
-def science_table(study, table):
-    """The file of a table a study's science writes (figures name it with ``table:``)."""
-    if study in MASKS:
-        return f"results/{study}/masks/tables/{table}.parquet"
-    return f"results/{study}/tables/{table}.parquet"
-
-
 def figure_inputs(wildcards):
     study, spec = FIGURES[wildcards.figure]
     if "table" in spec:
-        return {"table": science_table(study, spec["table"])}
+        return {"table": PLAN.table(study, spec["table"])}
     metric = spec.get("metric", "performance")
     return {
         "table": f"results/{study}/cache/{metric}.parquet",
@@ -273,12 +218,12 @@ def figure_inputs(wildcards):
     }
 
 
-# -- teleportation ----------------------------------------------------------------------------
 def run_dirs(study):
     """``run name -> run directory`` of every run of a study."""
     return {r.name: run_dir(study, r.name) for r in PLAN.runs[study]}
 
 
+# -- teleportation: the runs of the grid, the two interpolated runs --------------------------------
 def grid_inputs(wildcards):
     dirs = run_dirs(wildcards.study).values()
     return [f"{d}/{RUN_FILES[f]}" for d in dirs for f in ("summary", "history")]
@@ -289,51 +234,15 @@ def interpolation_inputs(wildcards):
     return [f"{d}/{RUN_FILES['final']}" for d in dirs]
 
 
-# -- modelsym: zoos, features, alignment, stitching --------------------------------------------
+# -- modelsym: pairs and zoo jobs (planned by pipeline.modelsym.study.ModelsymStudy) -----------
 from pipeline.modelsym import study as zoo_study  # noqa: E402
 
 
-def member_file(study, zoo, seed):
-    """A zoo member's file: from its vectorised chunk, or selected from its own run."""
-    block = PLAN.study(study)["zoos"][zoo]
-    if block.get("vectorised", False):
-        for c, seeds in enumerate(zoo_study.chunks(PLAN.study(study), zoo)):
-            if int(seed) in seeds:
-                return f"results/{study}/zoo/{zoo}/chunk~{c}/seed~{seed}.pt"
-        raise WorkflowError(f"study {study}: zoo {zoo} has no seed {seed}")
-    return f"results/{study}/zoo/{zoo}/selected/seed~{seed}.pt"
-
-
-def features_file(study, zoo, seed):
-    return f"results/{study}/features/{zoo}/seed~{seed}.h5"
-
-
-#: (study, zoo, chunk index, seeds) of every vectorised zoo job
-ZOO_CHUNKS = [
-    (s, zoo, c, seeds)
-    for s in MODELSYM
-    for zoo, block in PLAN.study(s)["zoos"].items()
-    if block.get("vectorised", False)
-    for c, seeds in enumerate(zoo_study.chunks(PLAN.study(s), zoo))
-]
-
-
-def pair_entries(study, part):
-    """Every sampled pair of the zoos a study's ``part`` (alignment, stitching) uses."""
-    spec = PLAN.study(study)
-    zoos = spec[part].get("zoos") or list(spec["zoos"])
-    return [
-        {"zoo": zoo, "seed_a": a, "seed_b": b,
-         "member_a": member_file(study, zoo, a), "member_b": member_file(study, zoo, b),
-         "features_a": features_file(study, zoo, a), "features_b": features_file(study, zoo, b)}
-        for zoo in zoos
-        for a, b in zoo_study.pairs(spec, zoo)
-    ]
-
-
 def pair_files(part, keys):
+    """The member/feature files of every sampled pair of ``part`` (``keys`` of each entry)."""
+
     def inputs(wildcards):
-        entries = pair_entries(wildcards.study, part)
+        entries = PLAN.kind(wildcards.study).pair_entries(part)
         return sorted({e[k] for e in entries for k in keys})
 
     return inputs
@@ -350,43 +259,20 @@ def zoo_code(study, zoo):
 
 
 def zoo_summary_code(study, zoo):
-    """What a vectorised zoo job's ``summary.json`` records as ``code`` (see :mod:`pipeline.stale`),
-    computed here rather than in the job; :class:`Untracked`, as ``code`` re-runs the job."""
-    return per_job(
-        lambda wildcards: Untracked(
-            code_fingerprint(zoo_study.ZOO_CODE, zoo_study.zoo_hparams(PLAN.study(study), zoo))
-        )
-    )
+    """What a vectorised zoo job's ``summary.json`` records as ``code`` (see pipeline.stale),
+    computed here rather than in the job; Untracked, as ``code`` re-runs the job."""
+    config = zoo_study.zoo_hparams(PLAN.study(study), zoo)
+    return per_job(lambda wildcards: Untracked(code_fingerprint(zoo_study.ZOO_CODE, config)))
 
 
 def stitching_type(wildcards):
     return PLAN.study(wildcards.study)["stitching"]["types"][wildcards.stitch]["type"]
 
 
-def rotation_members(wildcards):
-    spec = PLAN.study(wildcards.study)
-    zoos = spec["rotation"].get("zoos") or list(spec["zoos"])
-    return [
-        {"zoo": zoo, "seed": seed, "member": member_file(wildcards.study, zoo, seed)}
-        for zoo in zoos
-        for seed in spec["zoos"][zoo]["seeds"]
-    ]
-
-
-def modelsym_keys(study, part):
-    spec = PLAN.study(study)[part]
-    return list(spec["metrics"] if part == "alignment" else spec["types"])
-
-
-# -- recovery (Expand-and-Cluster) and lottery tickets -----------------------------------------
-from pipeline.recovery import plan as recovery_plan  # noqa: E402
-
-PROBLEMS = {s: recovery_plan.problems(PLAN.study(s)) for s in RECOVERY}
-RECOVERY_TABLES = ("recovery", "neurons", "students_history", "finetune_history")
-
-
+# -- recovery (Expand-and-Cluster) and lottery levels (RecoveryStudy, PrunePart plan them) -----
 def problem(wildcards):
-    return PROBLEMS[wildcards.study][wildcards.problem]
+    """The problem's teacher, probe, expand and cluster settings (``recovery.plan.problems``)."""
+    return PLAN.kind(wildcards.study).problems_planned[wildcards.problem]
 
 
 def resolved_teacher(wildcards):
@@ -404,59 +290,49 @@ def teacher_inputs(wildcards):
     return [f"{teacher['run_dir']}/{RUN_FILES[f]}" for f in ("final", "hparams")]
 
 
-def recovery_collect_inputs(wildcards):
-    name = wildcards.table
-    stage = "students" if name == "students_history" else "cluster"
-    return [
-        f"results/{wildcards.study}/recovery/{p}/{stage}/{name}.parquet"
-        for p in PROBLEMS[wildcards.study]
-    ]
-
-
-def lottery_strategies(study):
-    spec = PLAN.study(study)
-    return (spec.get("lottery") or spec.get("prune") or {}).get("strategies", ["sparse_global"])
-
-
 def lottery_inputs(wildcards):
-    study = wildcards.study
-    strategies = lottery_strategies(study)
-    if study in RECOVERY:
-        return [
-            f"results/{study}/recovery/{p}/lottery/{s}/lottery.parquet"
-            for p in PROBLEMS[study]
-            for s in strategies
-        ]
-    return [
-        f"results/{study}/prune/{r.name}/{s}/lottery.parquet"
-        for r in PLAN.runs[study]
-        for s in strategies
-    ]
+    """Every level table of the study's lottery (per problem or run, and strategy)."""
+    return [path for path, _ in PLAN.planner(wildcards.study, "lottery").lottery_inputs()]
 
 
 def lottery_labels(wildcards):
     """Per input of :func:`lottery_inputs`, the columns that say whose levels it holds."""
-    study = wildcards.study
-    strategies = lottery_strategies(study)
-    if study in RECOVERY:
-        return [{"problem": p} for p in PROBLEMS[study] for _ in strategies]
-    return [{"run": r.name, "seed": r.seed} for r in PLAN.runs[study] for _ in strategies]
+    return [labels for _, labels in PLAN.planner(wildcards.study, "lottery").lottery_inputs()]
 
 
 def lottery_settings(wildcards):
-    spec = PLAN.study(wildcards.study)
-    block = dict(spec.get("lottery") or spec.get("prune"))
+    block = dict(PLAN.planner(wildcards.study, "lottery").lottery_block())
     block.pop("strategies", None)
     return {**block, "strategy": wildcards.strategy}
 
 
-# -- masks ------------------------------------------------------------------------------------
+# -- masks -------------------------------------------------------------------------------------
 def masks_spec(wildcards):
     return PLAN.study(wildcards.study)["masks"]
 
 
 def masks_tables_inputs(wildcards):
     return [f"results/{wildcards.study}/masks/{r.name}/tables" for r in PLAN.runs[wildcards.study]]
+
+
+# -- claims: the registered claims whose tables a study has, what they know of its runs --------
+from pipeline.claims import register_claim  # noqa: E402
+
+
+def study_claims(study):
+    """The registered claims whose tables the study has."""
+    keys = PLAN.claim_tables(study)
+    return [
+        name
+        for name, entry in register_claim.entries().items()
+        if all(t in keys for t in entry.meta.get("tables", ()))
+    ]
+
+
+def claim_runs(wildcards):
+    """What the claims know of each run: its non-default hyperparameters (the claims job
+    resolves the defaults, so adding a hyperparameter with a default re-checks nothing)."""
+    return {r.name: r.nondefault for r in PLAN.runs[wildcards.study]}
 
 
 # -- SLURM: the site's settings (profiles/slurm/site.yaml) on every rule; jobs that cannot fit ----
@@ -506,38 +382,3 @@ def package_versions():
 
 
 VERSIONS = package_versions()
-
-
-# Claims (rules/claims.smk): the tables each study's claims read, and what they know of its runs.
-from pipeline.claims import register_claim  # noqa: E402
-
-
-def claim_tables(study):
-    """``key -> path`` of every table the study's claims may read (key: the path under
-    results/<study>/ without .parquet): the study's tables, each metric's summary, every masks
-    table."""
-    paths = study_tables(study)
-    paths += [
-        f"results/{study}/cache/{metric}.summary.parquet"
-        for metric in PLAN.study(study).get("metrics", [])
-    ]
-    if study in MASKS:
-        paths += [f"results/{study}/masks/tables/{t}.parquet" for t in MASK_TABLES]
-    prefix = f"results/{study}/"
-    return {p[len(prefix) : -len(".parquet")]: p for p in dict.fromkeys(paths)}
-
-
-def study_claims(study):
-    """The registered claims whose tables the study has."""
-    keys = claim_tables(study)
-    return [
-        name
-        for name, entry in register_claim.entries().items()
-        if all(t in keys for t in entry.meta.get("tables", ()))
-    ]
-
-
-def claim_runs(wildcards):
-    """What the claims know of each run: its non-default hyperparameters (the claims job
-    resolves the defaults, so adding a hyperparameter with a default re-checks nothing)."""
-    return {r.name: r.nondefault for r in PLAN.runs[wildcards.study]}

@@ -1,6 +1,6 @@
 # Weight masks (Csordas et al.): every stage's mask on each run's final network, the modularity
 # tables per run, then one table per kind for the study; and the permuted-input transfer.
-MASK_TABLES = source_constant("pipeline.masks.study", "TABLES")
+from pipeline.masks.plan import TABLES as MASK_TABLES
 
 
 rule masks_train:
@@ -14,7 +14,7 @@ rule masks_train:
     benchmark:
         "results/{study}/benchmarks/masks_train/{run}.tsv"
     wildcard_constraints:
-        study=_alternatives(MASKS),
+        study=studies("masks"),
     params:
         spec=masks_spec,
         code=code("masks_train.py"),
@@ -42,7 +42,7 @@ rule masks_analyse:
     benchmark:
         "results/{study}/benchmarks/masks_analyse/{run}.tsv"
     wildcard_constraints:
-        study=_alternatives(MASKS),
+        study=studies("masks"),
     params:
         spec=masks_spec,
         code=code("masks_analyse.py"),
@@ -69,7 +69,7 @@ rule masks_collect:
     benchmark:
         "results/{study}/benchmarks/masks_collect.tsv"
     wildcard_constraints:
-        study=_alternatives(MASKS),
+        study=studies("masks"),
     params:
         code=code("masks_collect.py"),
     threads: 1
@@ -93,7 +93,7 @@ rule masks_transfer:
     benchmark:
         "results/{study}/benchmarks/masks_transfer.tsv"
     wildcard_constraints:
-        study=_alternatives(TRANSFER),
+        study=studies("transfer"),
     params:
         study=lambda w: PLAN.study(w.study),
         code=code("masks_transfer.py"),

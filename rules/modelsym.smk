@@ -5,13 +5,21 @@ from pipeline.modelsym.similarity import register_similarity
 from pipeline.modelsym import register_stitching_layer
 
 
+#: (study, zoo, chunk index, seeds) of every vectorised zoo job
+ZOO_CHUNKS = [
+    (study, zoo, chunk, seeds)
+    for study in PLAN.having("modelsym")
+    for zoo, chunk, seeds in PLAN.kind(study).zoo_chunks()
+]
+
+
 for study, zoo, chunk, seeds in ZOO_CHUNKS:
 
     rule:
         name:
             f"zoo_{study}_{zoo}_chunk{chunk}"
         output:
-            members=[member_file(study, zoo, s) for s in seeds],
+            members=[PLAN.kind(study).member_file(zoo, s) for s in seeds],
             summary=f"results/{study}/zoo/{zoo}/chunk~{chunk}/summary.json",
         log:
             f"results/{study}/logs/zoo/{zoo}/chunk{chunk}.log",
@@ -46,7 +54,7 @@ rule zoo_select:
     benchmark:
         "results/{study}/benchmarks/zoo_select/{zoo}/seed~{seed}.tsv"
     wildcard_constraints:
-        study=_alternatives(MODELSYM),
+        study=studies("modelsym"),
         seed=r"\d+",
     params:
         code=code("zoo_select.py"),
@@ -61,16 +69,16 @@ rule zoo_select:
         "../workflow/scripts/zoo_select.py"
 
 
-for study in MODELSYM:
+for study in PLAN.having("modelsym"):
     for zoo, block in PLAN.study(study)["zoos"].items():
 
         rule:
             name:
                 f"features_{study}_{zoo}"
             input:
-                [member_file(study, zoo, s) for s in block["seeds"]],
+                [PLAN.kind(study).member_file(zoo, s) for s in block["seeds"]],
             output:
-                [features_file(study, zoo, s) for s in block["seeds"]],
+                [PLAN.kind(study).features_file(zoo, s) for s in block["seeds"]],
             log:
                 f"results/{study}/logs/features/{zoo}.log",
             benchmark:
@@ -101,10 +109,10 @@ rule alignment:
     benchmark:
         "results/{study}/benchmarks/alignment/{similarity}.tsv"
     wildcard_constraints:
-        study=_alternatives(MODELSYM),
+        study=studies("modelsym"),
         similarity=_alternatives(register_similarity.names()),
     params:
-        entries=lambda w: pair_entries(w.study, "alignment"),
+        entries=lambda w: PLAN.kind(w.study).pair_entries("alignment"),
         options=lambda w: PLAN.study(w.study)["alignment"]["metrics"][w.similarity],
         code=code("alignment.py", register_similarity=lambda w: w.similarity),
         device=DEVICE,
@@ -130,10 +138,10 @@ rule stitching:
     benchmark:
         "results/{study}/benchmarks/stitching/{stitch}.tsv"
     wildcard_constraints:
-        study=_alternatives(MODELSYM),
+        study=studies("modelsym"),
     params:
         spec=lambda w: PLAN.study(w.study)["stitching"]["types"][w.stitch],
-        entries=lambda w: pair_entries(w.study, "stitching"),
+        entries=lambda w: PLAN.kind(w.study).pair_entries("stitching"),
         layers=lambda w: PLAN.study(w.study)["stitching"].get("layers", "activations"),
         settings=lambda w: PLAN.study(w.study)["stitching"].get("settings", {}),
         code=code("stitching.py", register_stitching_layer=stitching_type),
@@ -152,7 +160,7 @@ rule stitching:
 
 rule rotation:
     input:
-        lambda w: [m["member"] for m in rotation_members(w)],
+        lambda w: [m["member"] for m in PLAN.kind(w.study).rotation_members()],
     output:
         "results/{study}/tables/rotation.parquet",
     log:
@@ -160,9 +168,9 @@ rule rotation:
     benchmark:
         "results/{study}/benchmarks/rotation.tsv"
     wildcard_constraints:
-        study=_alternatives(MODELSYM),
+        study=studies("modelsym"),
     params:
-        members=rotation_members,
+        members=lambda w: PLAN.kind(w.study).rotation_members(),
         options=lambda w: PLAN.study(w.study)["rotation"],
         code=code("rotation.py"),
         device=DEVICE,
@@ -181,7 +189,7 @@ rule rotation:
 rule modelsym_collect:
     input:
         lambda w: [
-            f"results/{w.study}/{w.part}/{key}.parquet" for key in modelsym_keys(w.study, w.part)
+            f"results/{w.study}/{w.part}/{key}.parquet" for key in PLAN.kind(w.study).measures(w.part)
         ],
     output:
         "results/{study}/tables/{part}.parquet",
@@ -190,7 +198,7 @@ rule modelsym_collect:
     benchmark:
         "results/{study}/benchmarks/collect_{part}.tsv"
     wildcard_constraints:
-        study=_alternatives(MODELSYM),
+        study=studies("modelsym"),
         part="alignment|stitching",
     params:
         code=code("modelsym_collect.py"),

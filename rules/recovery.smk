@@ -2,6 +2,7 @@
 # one vectorised job, then the layer-wise clustering into the recovered network and its
 # comparison with the teacher; the students' lottery tickets; and prune-rewind-retrain lottery
 # levels of ordinary training runs (studies with a `prune` block).
+from pipeline.recovery.plan import TABLES as RECOVERY_TABLES
 
 
 rule recovery_expand:
@@ -16,7 +17,7 @@ rule recovery_expand:
     benchmark:
         "results/{study}/benchmarks/recovery_expand/{problem}.tsv"
     wildcard_constraints:
-        study=_alternatives(RECOVERY),
+        study=studies("recovery"),
     params:
         teacher=resolved_teacher,
         probe=lambda w: problem(w)["probe"],
@@ -50,11 +51,11 @@ rule recovery_cluster:
     benchmark:
         "results/{study}/benchmarks/recovery_cluster/{problem}.tsv"
     wildcard_constraints:
-        study=_alternatives(RECOVERY),
+        study=studies("recovery"),
     params:
         probe=lambda w: problem(w)["probe"],
         cluster=lambda w: problem(w)["cluster"],
-        tolerance=lambda w: PLAN.study(w.study).get("tolerance", 1e-3),
+        tolerance=lambda w: PLAN.kind(w.study).tolerance,
         code=code("recovery_cluster.py"),
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
@@ -71,7 +72,7 @@ rule recovery_cluster:
 
 rule recovery_collect:
     input:
-        recovery_collect_inputs,
+        lambda w: PLAN.kind(w.study).collect_inputs(w.table),
     output:
         "results/{study}/tables/{table}.parquet",
     log:
@@ -79,7 +80,7 @@ rule recovery_collect:
     benchmark:
         "results/{study}/benchmarks/recovery_collect_{table}.tsv"
     wildcard_constraints:
-        study=_alternatives(RECOVERY),
+        study=studies("recovery"),
         table="|".join(RECOVERY_TABLES),
     params:
         code=code("collect.py"),
@@ -102,7 +103,7 @@ rule recovery_lottery:
     benchmark:
         "results/{study}/benchmarks/recovery_lottery/{problem}/{strategy}.tsv"
     wildcard_constraints:
-        study=_alternatives(RECOVERY),
+        study=studies("recovery"),
     params:
         teacher=resolved_teacher,
         probe=lambda w: problem(w)["probe"],
@@ -132,7 +133,7 @@ rule prune:
     benchmark:
         "results/{study}/benchmarks/prune/{run}/{strategy}.tsv"
     wildcard_constraints:
-        study=_alternatives(PRUNE),
+        study=studies("prune"),
         strategy="sparse_global|fc19|han",
     params:
         hparams=train_params,
@@ -161,7 +162,7 @@ rule lottery_collect:
     benchmark:
         "results/{study}/benchmarks/lottery_collect.tsv"
     wildcard_constraints:
-        study=_alternatives(RECOVERY + PRUNE),
+        study=studies("lottery"),
     params:
         code=code("collect.py"),
         labels=lottery_labels,

@@ -3,6 +3,7 @@
 # statistics, histograms). The grid's runs train through the ordinary train rule: their
 # `teleport` hyperparameter section adds the teleport callback (pipeline.runs).
 
+
 rule teleport_validation:
     input:
         grid_inputs,
@@ -13,7 +14,7 @@ rule teleport_validation:
     benchmark:
         "results/{study}/benchmarks/teleport_validation.tsv"
     wildcard_constraints:
-        study=_alternatives(TELEPORT_GRID),
+        study=studies("teleport_validation"),
     params:
         runs=lambda w: run_dirs(w.study),
         code=code("teleport_table.py"),
@@ -38,7 +39,7 @@ rule teleport_interpolation:
     benchmark:
         "results/{study}/benchmarks/teleport_interpolation.tsv"
     wildcard_constraints:
-        study=_alternatives(INTERPOLATION),
+        study=studies("interpolation"),
     params:
         runs=lambda w: dict(list(run_dirs(w.study).items())[:2]),
         spec=lambda w: PLAN.study(w.study)["interpolation"],
@@ -62,7 +63,7 @@ rule teleport_analysis:
     benchmark:
         "results/{study}/benchmarks/teleport_{table}.tsv"
     wildcard_constraints:
-        study=_alternatives(ANALYSIS),
+        study=studies("analysis"),
         table="micro|statistics|histograms",
     params:
         spec=lambda w: PLAN.study(w.study),

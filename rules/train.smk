@@ -11,7 +11,7 @@ rule train:
     benchmark:
         "results/{study}/benchmarks/train/{run}.tsv"
     wildcard_constraints:
-        study=_alternatives(PLAIN),
+        study=studies("train"),
     params:
         hparams=train_params,
         code=train_code,
@@ -33,7 +33,7 @@ use rule train as train_traced with:
     output:
         **run_outputs("{study}", "{run}", traced=True),
     wildcard_constraints:
-        study=_alternatives(MECHANICS),
+        study=studies("train_traced"),
 
 
 for study, index, chunk in TRAIN_CHUNKS:

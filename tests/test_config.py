@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import pytest
 
 from pipeline import config as cfg
-from pipeline.config import ConfigError, Plan, expand_runs, resolve_hparams
+from pipeline import studies
+from pipeline.config import ConfigError, expand_runs, resolve_hparams
+from pipeline.studies import Plan
 
 BASE = {
     "studies": {
@@ -29,7 +31,7 @@ def problems(mutate) -> str:
     config = copy.deepcopy(BASE)
     mutate(config["studies"]["s"])
     with pytest.raises(ConfigError) as err:
-        cfg.validate(config)
+        studies.validate(config)
     return str(err.value)
 
 
@@ -129,7 +131,7 @@ def test_sweep_over_whole_models_and_datasets():
         },
     }
     study.pop("model")
-    cfg.validate({"studies": {"s": study}})
+    studies.validate({"studies": {"s": study}})
     runs = expand_runs("s", study)
     assert [r.name for r in runs[::2]] == [
         "dataset~digits/model~mlp5x500/lr~0.1/seed~1",
@@ -139,7 +141,7 @@ def test_sweep_over_whole_models_and_datasets():
     bad = copy.deepcopy(study)
     bad["sweep"]["model"][1] = {"name": "mlp", "depth": 3}
     with pytest.raises(ConfigError, match=r"sweep.model\[1\].depth: unknown option"):
-        cfg.validate({"studies": {"s": bad}})
+        studies.validate({"studies": {"s": bad}})
 
 
 # -- selection on the test split ---------------------------------------------------------------
@@ -181,7 +183,7 @@ def test_test_split_selection_is_refused_unless_declared():
     assert "reads the test split (test_loss)" in text
     # a non-vectorised zoo's schedule
     with pytest.raises(ConfigError, match=r"studies.z.zoos.bn.train.plateau_metric: the"):
-        cfg.validate(_modelsym("test_accuracy"))
+        studies.validate(_modelsym("test_accuracy"))
     # declared: valid, and every figure of the study says it is test-selected
     protocol = "Armenta et al.: ReduceLROnPlateau on the CIFAR test accuracy"
     config = copy.deepcopy(BASE)
@@ -189,7 +191,7 @@ def test_test_split_selection_is_refused_unless_declared():
     config["studies"]["s"]["figures"] = {"f": {"kind": "performance", "caption": "Loss."}}
     plan = Plan.from_config(config)
     assert plan.figures()["f"][1]["caption"] == f"Test-selected (reproduces {protocol}). Loss."
-    cfg.validate(_modelsym("test_accuracy", test_selection=protocol))
+    studies.validate(_modelsym("test_accuracy", test_selection=protocol))
 
 
 def test_validation_selection_needs_a_validation_split():
@@ -197,7 +199,7 @@ def test_validation_selection_needs_a_validation_split():
     text = problems(_plateau("val_loss", 0.0))
     assert "studies.s.train.plateau_metric: a val_* metric needs a validation split" in text
     with pytest.raises(ConfigError, match="studies.z.dataset.val_fraction: zoo members"):
-        cfg.validate(_modelsym("val_accuracy", 0.0))
+        studies.validate(_modelsym("val_accuracy", 0.0))
 
 
 def _config_with(mutate):

@@ -23,7 +23,7 @@ import pytest
 
 from pipeline import config as cfg
 from pipeline import fingerprint as fp
-from pipeline import registry
+from pipeline import registry, studies
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 12  # the sample of edited functions is fixed
@@ -76,7 +76,7 @@ def default_jobs(scripts: Path) -> dict[str, tuple]:
     """``label -> (script, config, choose)``: one job per training study, cache metric, figure
     kind, and every other script with the whole default config as its configuration."""
     config = cfg.load(ROOT / "config" / "config.yaml")
-    plan = cfg.Plan.from_config(config)
+    plan = studies.Plan.from_config(config)
     jobs = {}
     for study, runs in plan.runs.items():
         if runs and plan.study(study)["kind"] == "train":
@@ -428,7 +428,7 @@ def test_stale_lists_the_frozen_jobs_whose_code_changed_and_accept_keeps_mtimes(
             },
         }
     }
-    plan = cfg.Plan.from_config(config)
+    plan = studies.Plan.from_config(config)
     runs = plan.runs["frozen"]
     current = fp.code_fingerprint("pipeline.runs:train", runs[0].hparams)
     for run, code in zip(runs[:3], [current, "0" * 16, None], strict=True):  # runs[3]: untrained

@@ -20,14 +20,9 @@ from pipeline.plots.recovery import (
 )
 from pipeline.recovery.chain import forward, init_stack
 from pipeline.recovery.lottery import student_lottery
+from pipeline.recovery.plan import toy_family
 from pipeline.recovery.students import ExpandHparams, FitHparams, fit, student_chain
-from pipeline.recovery.study import (
-    collect_tables,
-    load_network,
-    run_cluster,
-    run_expand,
-    toy_family,
-)
+from pipeline.recovery.study import collect_tables, load_network, run_cluster, run_expand
 from pipeline.recovery.teachers import (
     ToyTeacher,
     load_run_teacher,

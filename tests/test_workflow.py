@@ -168,8 +168,9 @@ def test_every_default_figure_draws_its_tables(finished):
     the figures of one kind draw one panel per what their tables hold where that is fixed."""
     from drawn import capture, check_drawn
 
-    from pipeline.config import Plan, load
+    from pipeline.config import load
     from pipeline.plots import draw
+    from pipeline.studies import Plan
 
     wf, _ = finished
 

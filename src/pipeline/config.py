@@ -89,16 +89,6 @@ SECTIONS = {"train": TrainHparams, "checkpoints": CheckpointHparams, "dataset": 
 register_section = Registry("hyperparameter section", "register_section")
 
 
-#: Study kinds whose runs a science plans: ``@register_study_kind(kind)`` on a torch-free
-#: ``fn(study_name, study) -> list[Run]`` (the ``train`` kind is :func:`expand_runs`).
-register_study_kind = Registry("study kind", "register_study_kind")
-
-#: Jobs of a study kind, beyond its runs, that record the fingerprint of the code that made them
-#: (:mod:`pipeline.stale`): ``@register_recorded_jobs(kind)`` on a torch-free ``fn(study_name,
-#: study) -> list[(summary path, code target, config)]``.
-register_recorded_jobs = Registry("recorded jobs", "register_recorded_jobs")
-
-
 def sections(study: dict | None = None) -> dict[str, type]:
     """The hyperparameter sections of a study: the core ones, plus each registered section the
     study uses (as a block, or in its sweep). Without a study: every section."""
@@ -134,7 +124,7 @@ def _path(parts) -> str:
     return ".".join(str(p) for p in parts) or "<root>"
 
 
-def _schema_problems(config: dict) -> list[str]:
+def schema_problems(config: dict) -> list[str]:
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(load_schema())
@@ -159,32 +149,8 @@ def _schema_problems(config: dict) -> list[str]:
     return problems
 
 
-def validate(config: dict) -> None:
-    """Check a config against the schema and the registries; raise :class:`ConfigError`."""
-    problems = _schema_problems(config)
-    if problems:
-        raise ConfigError(problems)
-    problems = _cross_study_problems(config)
-    figures: dict[str, str] = {}
-    for name, study in config.get("studies", {}).items():
-        if study["kind"] == "train":
-            problems += _study_problems(name, study)
-        else:
-            problems += _analysis_problems(name, study)
-        problems += _selection_problems(name, study)
-        problems += _figure_problems(f"studies.{name}", study)
-        for fig in study.get("figures", {}):
-            if fig in figures:
-                problems.append(
-                    f"studies.{name}.figures.{fig}: figure name already used by study "
-                    f"{figures[fig]!r}; figure names are global"
-                )
-            figures[fig] = name
-    if problems:
-        raise ConfigError(problems)
-
-
-def _study_problems(name: str, study: dict) -> list[str]:
+def train_problems(name: str, study: dict) -> list[str]:
+    """Problems of a ``train`` study block: its models, dataset, metrics and sweep."""
     from pipeline.data import register_dataset
     from pipeline.metrics import register_metric
     from pipeline.models import register_model
@@ -194,7 +160,7 @@ def _study_problems(name: str, study: dict) -> list[str]:
     swept_models = study.get("sweep", {}).get("model")
     model = study.get("model", {})
     if "model" in study:
-        out += _model_problems(f"{where}.model", model)
+        out += model_problems(f"{where}.model", model)
     elif not swept_models:
         out.append(f"{where}: needs a model (or a sweep over model)")
     if isinstance(swept_models, list):
@@ -203,7 +169,7 @@ def _study_problems(name: str, study: dict) -> list[str]:
             if not isinstance(m, dict):
                 out.append(f"{where}.sweep.model[{i}]: expected a model block {{name: ...}}")
                 continue
-            out += _model_problems(f"{where}.sweep.model[{i}]", m)
+            out += model_problems(f"{where}.sweep.model[{i}]", m)
             labels.append(str(m.get("label", m.get("name"))))
         if len(set(labels)) != len(labels):
             out.append(f"{where}.sweep.model: two models share a name; give each a `label`")
@@ -233,15 +199,6 @@ def _study_problems(name: str, study: dict) -> list[str]:
                 pass
         if not isinstance(values, list) or not values:
             out.append(f"{where}.sweep.{key}: expected a non-empty list of values")
-    masks = study.get("masks", {})
-    stages = set(masks.get("stages", {}))
-    named = [masks.get("reference")] if masks.get("reference") else []
-    named += masks.get("inverse", {}).get("masks", []) + masks.get("sharing", [])
-    named += [n for pair in masks.get("overlap", []) for n in pair]
-    for stage in sorted(set(named) - stages):
-        out.append(f"{where}.masks: {stage!r} is not a stage; stages: {', '.join(sorted(stages))}")
-    if "interpolation" in study and len(expand_runs(name, study)) < 2:
-        out.append(f"{where}.interpolation: needs two runs (e.g. a sweep over batch_size)")
     train = {**defaults("train"), **study.get("train", {})}
     needs_trace = {"gradient_norm"} & set(study.get("metrics", []))
     if needs_trace and not train["mechanics"]:
@@ -258,29 +215,17 @@ def _study_problems(name: str, study: dict) -> list[str]:
     return out
 
 
-def _selection_problems(name: str, study: dict) -> list[str]:
+def selection_problems(where: str, blocks: list[tuple[str, dict]], study: dict) -> list[str]:
     """Model selection on the test split (a reduce-on-plateau schedule reading test_* metrics)
-    is refused unless the study declares ``test_selection``: the original protocol it
-    reproduces (its results are then marked test-selected). Selection on validation metrics
-    needs a validation split."""
-    where = f"studies.{name}"
-    blocks = []  # (config key of the train block, the study block it expands to)
-    if study["kind"] == "train":
-        blocks.append((f"{where}.train", study))
-    for zoo, block in study.get("zoos", {}).items() if study["kind"] == "modelsym" else ():
-        zoo_study = {
-            "kind": "train",
-            "dataset": study.get("dataset", {}),
-            "model": block["model"],
-            "train": block.get("train", {}),
-            "seeds": block["seeds"][:1],
-        }
-        blocks.append((f"{where}.zoos.{zoo}.train", zoo_study))
+    is refused unless the study (at config key ``where``) declares ``test_selection``: the
+    original protocol it reproduces (its results are then marked test-selected). Selection on
+    validation metrics needs a validation split. ``blocks``: (config key of a train block, the
+    train study block it belongs to)."""
     out = []
     for key, block in blocks:
         metrics = set()
         try:
-            runs = expand_runs(name, block)
+            runs = expand_runs("check", block)
         except (KeyError, ValueError, TypeError):
             continue  # a malformed sweep: its own problem is reported elsewhere
         for run in runs:
@@ -300,11 +245,6 @@ def _selection_problems(name: str, study: dict) -> list[str]:
                 f"{key}.plateau_metric: a val_* metric needs a validation split "
                 f"({where}.dataset.val_fraction > 0)"
             )
-    if study["kind"] == "modelsym" and not study.get("dataset", {}).get("val_fraction", 0.1) > 0:
-        out.append(
-            f"{where}.dataset.val_fraction: zoo members are selected on the validation split; "
-            "it must be > 0"
-        )
     return out
 
 
@@ -314,34 +254,7 @@ def selection_note(study: dict) -> str:
     return f"Test-selected (reproduces {protocol}). " if protocol else ""
 
 
-def _cross_study_problems(config: dict) -> list[str]:
-    """References between studies: a recovery problem's teacher run must exist."""
-    studies = config.get("studies", {})
-    out = []
-    for name, study in studies.items():
-        for problem, spec in study.get("problems", {}).items():
-            teacher = spec.get("teacher", {})
-            if teacher.get("kind") != "run":
-                continue
-            where = f"studies.{name}.problems.{problem}.teacher"
-            other = studies.get(teacher.get("study"))
-            if other is None or other["kind"] != "train":
-                trains = [s for s, v in studies.items() if v["kind"] == "train"]
-                out.append(
-                    f"{where}.study: {teacher.get('study')!r} is not a train study; "
-                    f"allowed: {', '.join(trains)}"
-                )
-                continue
-            runs = [r.name for r in expand_runs(teacher["study"], other)]
-            if teacher.get("run") not in runs:
-                out.append(
-                    f"{where}.run: {teacher.get('run')!r} is not a run of study "
-                    f"{teacher['study']!r}; runs: {', '.join(runs)}"
-                )
-    return out
-
-
-def _figure_problems(where: str, study: dict) -> list[str]:
+def figure_problems(where: str, study: dict) -> list[str]:
     """Figure kinds must be registered; a figure reads a metric or a table, not both."""
     from pipeline.metrics import register_metric
     from pipeline.plots import register_figure
@@ -366,27 +279,18 @@ def _figure_problems(where: str, study: dict) -> list[str]:
     return out
 
 
-def _analysis_problems(name: str, study: dict) -> list[str]:
-    """Studies that train nothing themselves: their model blocks and dataset name."""
+def dataset_problems(where: str, dataset) -> list[str]:
+    """A dataset name (or a ``{name: ...}`` block) that no dataset is registered under."""
     from pipeline.data import register_dataset
 
-    where = f"studies.{name}"
-    out = []
-    if "model" in study:
-        out += _model_problems(f"{where}.model", study["model"])
-    for i, block in enumerate(study.get("models", [])):
-        out += _model_problems(f"{where}.models[{i}]", block)
-    for zoo, block in study.get("zoos", {}).items():
-        out += _model_problems(f"{where}.zoos.{zoo}.model", block["model"])
-    dataset = study.get("dataset", "digits")
     try:
         register_dataset.entry(dataset["name"] if isinstance(dataset, dict) else dataset)
     except KeyError as err:
-        out.append(f"{where}.dataset: {err.args[0]}")
-    return out
+        return [f"{where}: {err.args[0]}"]
+    return []
 
 
-def _model_problems(where: str, model: dict) -> list[str]:
+def model_problems(where: str, model: dict) -> list[str]:
     """Problems of one model block: its name, and options the builder does not take."""
     from pipeline.models import register_model
 
@@ -524,46 +428,6 @@ def expand_runs(study_name: str, study: dict) -> list[Run]:
     return runs
 
 
-@dataclass
-class Plan:
-    """A validated config, expanded: the runs of every study, and every figure."""
-
-    config: dict
-    runs: dict[str, list[Run]] = field(default_factory=dict)
-
-    @classmethod
-    def from_config(cls, config: dict, check: bool = True) -> Plan:
-        if check:
-            validate(config)
-        plan = cls(config)
-        for name, study in config.get("studies", {}).items():
-            plan.runs[name] = _plan_runs(name, study)
-        return plan
-
-    def study(self, name: str) -> dict:
-        return self.config["studies"][name]
-
-    def run(self, study: str, run: str) -> Run:
-        if not hasattr(self, "_index"):
-            self._index = {(r.study, r.name): r for runs in self.runs.values() for r in runs}
-        try:
-            return self._index[(study, run)]
-        except KeyError:
-            raise KeyError(f"study {study!r} has no run {run!r}") from None
-
-    def figures(self) -> dict[str, tuple[str, dict]]:
-        """``figure name -> (study, figure spec)`` over all studies. The caption of a figure of
-        a study that selects on the test split (``test_selection``) says so first."""
-        out = {}
-        for name, study in self.config.get("studies", {}).items():
-            note = selection_note(study)
-            for fig, spec in study.get("figures", {}).items():
-                if note:
-                    spec = {**spec, "caption": note + spec.get("caption", fig)}
-                out[fig] = (name, spec)
-        return out
-
-
 def resolve_hparams(nondefault: dict) -> dict:
     """Full hyperparameters from the non-default subset (:attr:`Run.nondefault`)."""
     out = {"model": dict(nondefault["model"]), "seed": nondefault["seed"]}
@@ -571,15 +435,6 @@ def resolve_hparams(nondefault: dict) -> dict:
         merged = {**defaults(section), **nondefault.get(section, {})}
         out[section] = {k: _coerce(section, k, v) for k, v in merged.items()}
     return out
-
-
-def _plan_runs(name: str, study: dict) -> list[Run]:
-    kind = study["kind"]
-    if kind == "train":
-        return expand_runs(name, study)
-    if kind in register_study_kind.names():
-        return register_study_kind.get(kind)(name, study)
-    return []
 
 
 def load(path: str | Path) -> dict:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import io
-from pipeline.config import Plan, load, register_recorded_jobs
+from pipeline.config import load
 from pipeline.fingerprint import code_fingerprint
 from pipeline.layout import run_file
 from pipeline.registry import source_constant
+from pipeline.studies import Plan
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,9 @@ def stale_jobs(plan: Plan, root: str | Path = ".") -> list[Stale]:
             summary = root / run_file(name, run.name, "summary")
             found = _check(summary, run_file(name, run.name, "final"), train_code, run.hparams)
             out += [found] if found else []
-        if spec["kind"] in register_recorded_jobs.names():
-            for summary, target, config in register_recorded_jobs.get(spec["kind"])(name, spec):
-                found = _check(root / summary, summary, target, config)
-                out += [found] if found else []
+        for summary, target, config in plan.kind(name).recorded_jobs():
+            found = _check(root / summary, summary, target, config)
+            out += [found] if found else []
     return out
 
 

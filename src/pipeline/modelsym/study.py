@@ -22,8 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import io
-from pipeline.config import Run, expand_runs, register_recorded_jobs, register_study_kind
+from pipeline.config import (
+    Run,
+    dataset_problems,
+    expand_runs,
+    model_problems,
+    selection_problems,
+)
 from pipeline.modelsym import sample_pairs
+from pipeline.studies import StudyKind, register_study_kind
 
 #: What a vectorised zoo job's recorded code fingerprint covers (config: :func:`zoo_hparams`).
 ZOO_CODE = "pipeline.modelsym.study:train_members"
@@ -40,7 +47,6 @@ def _zoo_study(study: dict, zoo: dict) -> dict:
     }
 
 
-@register_study_kind("modelsym")
 def zoo_runs(name: str, study: dict) -> list[Run]:
     """The ordinary training runs of the study's non-vectorised zoos (``zoo~<zoo>/seed~<s>``)."""
     runs = []
@@ -66,23 +72,131 @@ def chunks(study: dict, zoo: str) -> list[list[int]]:
     return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
-@register_recorded_jobs("modelsym")
-def recorded_jobs(name: str, study: dict) -> list[tuple[str, str, dict]]:
-    """The vectorised zoos' training jobs: ``(summary.json, code target, config)`` of each chunk
-    (each records the fingerprint of the code that trained it, see :mod:`pipeline.stale`)."""
-    out = []
-    for zoo, block in study.get("zoos", {}).items():
-        if block.get("vectorised", False):
-            hparams = zoo_hparams(study, zoo)
-            for c in range(len(chunks(study, zoo))):
-                out.append((f"results/{name}/zoo/{zoo}/chunk~{c}/summary.json", ZOO_CODE, hparams))
-    return out
-
-
 def pairs(study: dict, zoo: str) -> list[tuple[int, int]]:
     return sample_pairs(
         study["zoos"][zoo]["seeds"], study.get("pairs", 1), study.get("pair_seed", 0)
     )
+
+
+class ModelsymStudy(StudyKind):
+    """``kind: modelsym``: zoos, their features, alignment and stitching over sampled pairs,
+    and the rotation control; the files each job reads and writes."""
+
+    schema = "modelsym_study"
+    keys = (
+        "test_selection",
+        "dataset",
+        "probe",
+        "zoos",
+        "pairs",
+        "pair_seed",
+        "alignment",
+        "stitching",
+        "rotation",
+        "rerun_on_code_change",
+    )
+    blocks = {
+        "dataset": "pipeline.config:DatasetHparams",
+        "train": "pipeline.config:TrainHparams",
+        "checkpoints": "pipeline.config:CheckpointHparams",
+        "stitch_settings": "pipeline.modelsym.stitching:StitchSettings",
+    }
+    #: the parts written as one table each (``tables/<part>.parquet``)
+    PARTS = ("alignment", "stitching", "rotation")
+
+    def runs(self) -> list[Run]:
+        return zoo_runs(self.name, self.spec)
+
+    def rules(self) -> set[str]:
+        return super().rules() | {"modelsym"}
+
+    def tables(self) -> list[str]:
+        return [f"tables/{part}" for part in self.PARTS if part in self.spec]
+
+    def recorded_jobs(self) -> list[tuple[str, str, dict]]:
+        """The vectorised zoos' training jobs: ``(summary.json, code target, config)`` of each
+        chunk (each records the fingerprint of the code that trained it)."""
+        out = []
+        for zoo, c, _ in self.zoo_chunks():
+            summary = f"results/{self.name}/zoo/{zoo}/chunk~{c}/summary.json"
+            out.append((summary, ZOO_CODE, zoo_hparams(self.spec, zoo)))
+        return out
+
+    def problems(self, studies: dict) -> list[str]:
+        where, spec = f"studies.{self.name}", self.spec
+        out = dataset_problems(f"{where}.dataset", spec.get("dataset", "digits"))
+        blocks = []
+        for zoo, block in spec.get("zoos", {}).items():
+            out += model_problems(f"{where}.zoos.{zoo}.model", block["model"])
+            first = _zoo_study(spec, {**block, "seeds": block["seeds"][:1]})
+            blocks.append((f"{where}.zoos.{zoo}.train", first))
+        out += selection_problems(where, blocks, spec)
+        if not spec.get("dataset", {}).get("val_fraction", 0.1) > 0:
+            out.append(
+                f"{where}.dataset.val_fraction: zoo members are selected on the validation "
+                "split; it must be > 0"
+            )
+        return out
+
+    # -- the files of the jobs ----------------------------------------------------------------
+    def zoo_chunks(self) -> list[tuple[str, int, list[int]]]:
+        """``(zoo, chunk index, seeds)`` of every vectorised zoo job."""
+        return [
+            (zoo, c, seeds)
+            for zoo, block in self.spec["zoos"].items()
+            if block.get("vectorised", False)
+            for c, seeds in enumerate(chunks(self.spec, zoo))
+        ]
+
+    def member_file(self, zoo: str, seed) -> str:
+        """A zoo member's file: from its vectorised chunk, or selected from its own run."""
+        if self.spec["zoos"][zoo].get("vectorised", False):
+            for c, seeds in enumerate(chunks(self.spec, zoo)):
+                if int(seed) in seeds:
+                    return f"results/{self.name}/zoo/{zoo}/chunk~{c}/seed~{seed}.pt"
+            raise KeyError(f"study {self.name}: zoo {zoo} has no seed {seed}")
+        return f"results/{self.name}/zoo/{zoo}/selected/seed~{seed}.pt"
+
+    def features_file(self, zoo: str, seed) -> str:
+        return f"results/{self.name}/features/{zoo}/seed~{seed}.h5"
+
+    def zoos_of(self, part: str) -> list[str]:
+        """The zoos a part (alignment, stitching, rotation) uses (default: every zoo)."""
+        return self.spec[part].get("zoos") or list(self.spec["zoos"])
+
+    def pair_entries(self, part: str) -> list[dict]:
+        """Every sampled pair of the zoos ``part`` (alignment, stitching) uses, with the member
+        and feature files of both sides."""
+        return [
+            {
+                "zoo": zoo,
+                "seed_a": a,
+                "seed_b": b,
+                "member_a": self.member_file(zoo, a),
+                "member_b": self.member_file(zoo, b),
+                "features_a": self.features_file(zoo, a),
+                "features_b": self.features_file(zoo, b),
+            }
+            for zoo in self.zoos_of(part)
+            for a, b in pairs(self.spec, zoo)
+        ]
+
+    def rotation_members(self) -> list[dict]:
+        return [
+            {"zoo": zoo, "seed": seed, "member": self.member_file(zoo, seed)}
+            for zoo in self.zoos_of("rotation")
+            for seed in self.spec["zoos"][zoo]["seeds"]
+        ]
+
+    def measures(self, part: str) -> list[str]:
+        """The per-measure tables of ``part``: similarity names, or stitching type labels."""
+        block = self.spec[part]
+        return list(block["metrics"] if part == "alignment" else block["types"])
+
+
+@register_study_kind("modelsym")
+def modelsym_kind() -> type[StudyKind]:
+    return ModelsymStudy
 
 
 def train_members(

@@ -15,8 +15,11 @@ A study block::
 from __future__ import annotations
 
 import random
+from functools import cached_property
 
 from pipeline import seeding
+from pipeline.config import expand_runs
+from pipeline.studies import StudyKind, register_study_kind
 
 
 def toy_family(
@@ -94,3 +97,92 @@ def problems(study: dict) -> dict[str, dict]:
                 "cluster": study.get("cluster", {}),
             }
     return out
+
+
+#: a teacher neuron counts as recovered within this 1 - |cos| (the study's ``tolerance``)
+TOLERANCE = 1e-3
+#: the per-problem tables collected into one study table each
+TABLES = ("recovery", "neurons", "students_history", "finetune_history")
+
+
+class RecoveryStudy(StudyKind):
+    """``kind: recovery``: per problem, the students (``students/``), their clustering into the
+    recovered network (``cluster/``), and with a ``lottery`` block the students' lottery
+    tickets; the tables collected over the problems."""
+
+    schema = "recovery_study"
+    keys = ("problems", "family", "expand", "cluster", "tolerance", "lottery")
+    blocks = {
+        "recovery_expand": "pipeline.recovery.students:ExpandHparams",
+        "recovery_fit": "pipeline.recovery.students:FitHparams",
+        "recovery_cluster": "pipeline.recovery.cluster:ClusterHparams",
+        "lottery": "pipeline.train.pruning:LotteryHparams",
+    }
+
+    @cached_property
+    def problems_planned(self) -> dict[str, dict]:
+        """``name -> {teacher, probe, expand, cluster}`` (:func:`problems`)."""
+        return problems(self.spec)
+
+    @property
+    def tolerance(self) -> float:
+        return self.spec.get("tolerance", TOLERANCE)
+
+    def rules(self) -> set[str]:
+        return {"recovery", "lottery"} if "lottery" in self.spec else {"recovery"}
+
+    def tables(self) -> list[str]:
+        out = ["tables/recovery"]
+        return out + ["tables/lottery"] if "lottery" in self.spec else out
+
+    def collect_inputs(self, table: str) -> list[str]:
+        """The per-problem files of the study table ``table`` (one of :data:`TABLES`)."""
+        stage = "students" if table == "students_history" else "cluster"
+        return [
+            f"results/{self.name}/recovery/{p}/{stage}/{table}.parquet"
+            for p in self.problems_planned
+        ]
+
+    def lottery_block(self) -> dict:
+        """The lottery settings of every problem's students (``LotteryHparams`` keys)."""
+        return self.spec["lottery"]
+
+    def lottery_strategies(self) -> list[str]:
+        return self.lottery_block().get("strategies", ["sparse_global"])
+
+    def lottery_inputs(self) -> list[tuple[str, dict]]:
+        """``(level table, the columns saying whose it is)`` of every problem and strategy."""
+        return [
+            (f"results/{self.name}/recovery/{p}/lottery/{s}/lottery.parquet", {"problem": p})
+            for p in self.problems_planned
+            for s in self.lottery_strategies()
+        ]
+
+    def problems(self, studies: dict) -> list[str]:
+        """A problem whose teacher is a trained run must name a run of a train study."""
+        out = []
+        for problem, spec in self.spec.get("problems", {}).items():
+            teacher = spec.get("teacher", {})
+            if teacher.get("kind") != "run":
+                continue
+            where = f"studies.{self.name}.problems.{problem}.teacher"
+            other = studies.get(teacher.get("study"))
+            if other is None or other["kind"] != "train":
+                trains = [s for s, v in studies.items() if v["kind"] == "train"]
+                out.append(
+                    f"{where}.study: {teacher.get('study')!r} is not a train study; "
+                    f"allowed: {', '.join(trains)}"
+                )
+                continue
+            runs = [r.name for r in expand_runs(teacher["study"], other)]
+            if teacher.get("run") not in runs:
+                out.append(
+                    f"{where}.run: {teacher.get('run')!r} is not a run of study "
+                    f"{teacher['study']!r}; runs: {', '.join(runs)}"
+                )
+        return out
+
+
+@register_study_kind("recovery")
+def recovery_kind() -> type[StudyKind]:
+    return RecoveryStudy

@@ -25,7 +25,7 @@ from pipeline.recovery.chain import Chain
 from pipeline.recovery.cluster import ClusterHparams
 from pipeline.recovery.collapse import RecoveryFailed, reconstruct
 from pipeline.recovery.evaluate import compare, recovery_table
-from pipeline.recovery.plan import toy_family  # noqa: F401 (re-exported for the benchmark)
+from pipeline.recovery.plan import TOLERANCE
 from pipeline.recovery.students import ExpandHparams, FitResult, checked_keys, train_students
 from pipeline.recovery.teachers import (
     ProbeData,
@@ -145,7 +145,7 @@ def run_cluster(
     device: str = "cpu",
     data_dir="data",
     threads: int = 1,
-    tolerance: float = 1e-3,
+    tolerance: float = TOLERANCE,
 ) -> pd.DataFrame:
     """Reconstruct from the students in ``students_dir`` (in float64, whatever the students'
     dtype): ``reconstruction.pt``, ``clusters.parquet``, ``neurons.parquet``,

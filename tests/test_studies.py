@@ -1,0 +1,99 @@
+"""The study kinds plan what the rules build: every rule family a rule file names is one some kind
+takes part in, each study's tables are outputs of the rules that apply to it, and a lottery is
+planned by whatever owns it (a recovery study, or a train study's ``prune`` part)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load
+from pipeline.pruning.plan import PrunePart
+from pipeline.recovery.plan import RecoveryStudy
+from pipeline.studies import Plan, StudyKind, TrainStudy, kind_class, kind_names
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p for p in (ROOT / "config").rglob("*.yaml") if "schema" not in p.parts)
+#: the rule families the rule files name: ``study=studies("<family>")``
+FAMILIES = sorted(
+    {
+        m
+        for path in (ROOT / "rules").glob("*.smk")
+        for m in re.findall(r'studies\("([a-z_]+)"\)', path.read_text())
+    }
+    | {
+        m
+        for path in (ROOT / "rules").glob("*.smk")
+        for m in re.findall(r'PLAN\.having\("([a-z_]+)"\)', path.read_text())
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def plans() -> dict[str, Plan]:
+    return {p.relative_to(ROOT).as_posix(): Plan.from_config(load(p)) for p in CONFIGS}
+
+
+def test_every_rule_family_the_rules_name_is_planned_by_some_study(plans):
+    """A family no kind plans would leave its rules matching no study (a typo in
+    ``studies("...")`` would silently build nothing)."""
+    assert len(FAMILIES) >= 10, FAMILIES
+    planned = {
+        rule for plan in plans.values() for kind in plan.kinds.values() for rule in kind.rules()
+    }
+    assert set(FAMILIES) <= planned, sorted(set(FAMILIES) - planned)
+    assert planned <= set(FAMILIES) | {"chunked"}, sorted(planned - set(FAMILIES))
+
+
+def test_every_kind_is_a_class_the_plan_instantiates(plans):
+    assert {"train", "modelsym", "recovery"} <= set(kind_names())
+    for plan in plans.values():
+        for name, kind in plan.kinds.items():
+            assert isinstance(kind, StudyKind)
+            assert type(kind) is kind_class(plan.study(name)["kind"])
+            assert plan.runs[name] == kind.runs()
+
+
+def test_the_default_plans_each_science_table_where_its_rule_writes_it(plans):
+    """The default's tables follow the output patterns of the rules that write them."""
+    plan = plans["config/config.yaml"]
+    patterns = {
+        "train": [r"cache/[a-z_]+"],
+        "masks": [r"masks/tables/accuracy"],
+        "transfer": [r"transfer/accuracy"],
+        "teleport_validation": [r"tables/validation"],
+        "interpolation": [r"tables/interpolation"],
+        "analysis": [r"tables/(micro|statistics|histograms)"],
+        "modelsym": [r"tables/(alignment|stitching|rotation)"],
+        "recovery": [r"tables/recovery"],
+        "lottery": [r"tables/lottery"],
+    }
+    for name, kind in plan.kinds.items():
+        allowed = [p for rule in kind.rules() for p in patterns.get(rule, [])]
+        allowed.append(r"cache/[a-z_]+")  # a metric cache of any train-like study
+        for table in kind.tables():
+            assert any(re.fullmatch(p, table) for p in allowed), (name, table, kind.rules())
+    assert len(plan.targets()) == len(set(plan.targets()))
+
+
+def test_a_lottery_is_planned_by_its_owner(plans):
+    """A train study's lottery is its ``prune`` part's (a level table per run and strategy); a
+    recovery study's is its own (per problem and strategy)."""
+    seen = set()
+    for plan in plans.values():
+        for name in plan.having("lottery"):
+            planner, kind = plan.planner(name, "lottery"), plan.kind(name)
+            strategies = planner.lottery_strategies()
+            inputs = planner.lottery_inputs()
+            if isinstance(kind, TrainStudy):
+                assert isinstance(planner, PrunePart) and planner.spec is plan.study(name)["prune"]
+                owners = [{"run": r.name, "seed": r.seed} for r in plan.runs[name]]
+            else:
+                assert isinstance(planner, RecoveryStudy) and planner is kind
+                owners = [{"problem": p} for p in kind.problems_planned]
+            assert [labels for _, labels in inputs] == [o for o in owners for _ in strategies]
+            assert len({path for path, _ in inputs}) == len(inputs)
+            seen.add(type(planner))
+    assert seen == {PrunePart, RecoveryStudy}
