@@ -186,7 +186,7 @@ def validate(config: dict) -> None:
 
 def _study_problems(name: str, study: dict) -> list[str]:
     from pipeline.data import register_dataset
-    from pipeline.metrics import register_metric
+    from pipeline.metric_registry import register_metric
     from pipeline.models import register_model
 
     where = f"studies.{name}"
@@ -343,7 +343,7 @@ def _cross_study_problems(config: dict) -> list[str]:
 
 def _figure_problems(where: str, study: dict) -> list[str]:
     """Figure kinds must be registered; a figure reads a metric or a table, not both."""
-    from pipeline.metrics import register_metric
+    from pipeline.metric_registry import register_metric
     from pipeline.plots import register_figure
 
     out, kinds, metrics = [], register_figure.names(), register_metric.names()
