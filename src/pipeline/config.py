@@ -28,6 +28,24 @@ def _h(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+def checked_block(cls, block: dict | None, where: str) -> dict:
+    """``block`` (a config dict; ``None``: empty) if every key is a field of dataclass ``cls``;
+    else a :class:`ConfigError` naming each unknown key as ``where.key`` and the allowed keys."""
+    block = {} if block is None else block
+    allowed = sorted(f.name for f in fields(cls))
+    unknown = sorted(set(block) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            [f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}" for key in unknown]
+        )
+    return block
+
+
+def from_block(cls, block: dict | None, where: str):
+    """The hyperparameter dataclass ``cls`` from a config block (see :func:`checked_block`)."""
+    return cls(**checked_block(cls, block, where))
+
+
 @dataclass(frozen=True)
 class TrainHparams:
     optimizer: str = _h("sgd or adam", default="sgd")
