@@ -68,7 +68,7 @@ print(json.dumps({{"job": t1 - t0, "work": t2 - t1, "job_cpu": c1 - c0, "work_cp
 
 JOBS = {
     "train (digits_teacher, 1 run)": (
-        "from pipeline.config import resolve_hparams\nfrom pipeline.runs import train",
+        "from pipeline.config import resolve_hparams\nfrom pipeline.train.extensions import train",
         "    train(f\"{args['tmp']}/train-{tag}\", resolve_hparams(args['nondefault']),"
         " code=args['code'], threads=1, progress=False)",
     ),
@@ -89,7 +89,7 @@ SETUP = """
 import json, sys
 from pipeline.config import resolve_hparams
 from pipeline.mechanics.cache import cache_metric
-from pipeline.runs import train
+from pipeline.train.extensions import train
 args = json.loads(sys.argv[1])
 run = f"{args['tmp']}/input-run"
 train(run, resolve_hparams(args["nondefault"]), code=args["code"], threads=1, progress=False)
@@ -120,7 +120,9 @@ def _arguments(tmp: str) -> dict:
         "tmp": tmp,
         "heavy": HEAVY,
         "nondefault": run.nondefault,
-        "code": code_fingerprint(source_constant("pipeline.runs", "TRAIN_CODE"), run.hparams),
+        "code": code_fingerprint(
+            source_constant("pipeline.train.extensions", "TRAIN_CODE"), run.hparams
+        ),
         "table": f"{tmp}/performance.parquet",
         "summary": f"{tmp}/performance.summary.parquet",
         "zoo": zoo,

@@ -92,7 +92,7 @@ import torch
 from pipeline.claims.check import evaluate_study
 from pipeline.config import expand_runs
 from pipeline.masks.study import TABLES, analyse, read_masks, train_stages
-from pipeline.runs import train
+from pipeline.train.extensions import train
 
 STAGES = {
     "verify": {"subtask": "all"},

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(workflow.basedir, "src"))
 
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.studies import Plan  # noqa: E402
-from pipeline.metrics import register_metric  # noqa: E402
+from pipeline.metric_registry import register_metric  # noqa: E402
 from pipeline.fingerprint import CodeError, Untracked, code_fingerprint, strings  # noqa: E402
 from pipeline.registry import source_constant  # noqa: E402
 from pipeline.layout import RUN_FILES, declared, run_dir, run_file, run_outputs  # noqa: E402
@@ -159,7 +159,7 @@ def chunk_code(study, runs):
 def summary_code(run):
     """What the run's ``summary.json`` records as ``code`` (see :mod:`pipeline.stale`), computed
     here rather than in each job (about 0.5 s a job)."""
-    target = source_constant("pipeline.runs", "TRAIN_CODE")  # (pipeline.runs imports torch)
+    target = source_constant("pipeline.train.extensions", "TRAIN_CODE")  # (it imports torch)
     return code_fingerprint(target, run.hparams)
 
 

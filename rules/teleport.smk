@@ -1,7 +1,7 @@
 # Teleportation tables (Armenta et al.): the Figure 6 grid's validation curves, the 1D
 # interpolation between two runs, and the analysis-only studies (micro-teleportation,
 # statistics, histograms). The grid's runs train through the ordinary train rule: their
-# `teleport` hyperparameter section adds the teleport callback (pipeline.runs).
+# `teleport` hyperparameter section adds the teleport callback (pipeline.train.extensions).
 
 
 rule teleport_validation:

@@ -34,7 +34,7 @@ class Copy:
     def __init__(self, tmp: Path):
         self.src = tmp / "src" / "pipeline"
         self.scripts = tmp / "scripts"
-        fp.code_fingerprint("pipeline.workflow:run_step")  # fills the analysis caches to copy
+        fp.code_fingerprint("pipeline.jobs:run_step")  # fills the analysis caches to copy
         skip = shutil.ignore_patterns("*.pyc")  # (the analyses are keyed by the bytes: still valid)
         shutil.copytree(ROOT / "src" / "pipeline", self.src, ignore=skip)
         shutil.copytree(ROOT / "workflow" / "scripts", self.scripts, ignore=skip)
@@ -186,7 +186,7 @@ def test_a_code_edit_changes_exactly_the_jobs_whose_closure_holds_it(package):
         ("pipeline.plots", "draw"): {j for j in jobs if j.startswith("plot")},
         ("pipeline.mechanics.cache", "cache_metric"): {j for j in jobs if j.startswith("cache")},
         ("pipeline.train.loop", "train_run"): {j for j in jobs if j.startswith("train")},
-        ("pipeline.workflow", "run_step"): set(jobs),
+        ("pipeline.jobs", "run_step"): set(jobs),
     }
     sample = [f for f in pool if (f[0], f[2]) in named]
     assert len(sample) == len(named)
@@ -358,7 +358,7 @@ def test_the_closure_holds_every_function_a_job_runs(tmp_path):
     from pipeline.extract import extract_run
     from pipeline.mechanics.cache import cache_metric
     from pipeline.plots import draw
-    from pipeline.runs import train
+    from pipeline.train.extensions import train
 
     study = cfg.load(ROOT / "config" / "config.yaml")["studies"]["mechanics"]
     study = {**study, "sweep": {}, "train": {**study["train"], "epochs": 1}}
@@ -366,8 +366,10 @@ def test_the_closure_holds_every_function_a_job_runs(tmp_path):
     root = tmp_path / "run"
     ran = _executed(train, root, run.hparams, progress=False)
     assert "pipeline.train.loop:train_run" in ran
-    covered(ran, "pipeline.runs:train", run.hparams)
-    assert io_read(root)["code"] == fp.code_fingerprint("pipeline.runs:train", run.hparams)
+    covered(ran, "pipeline.train.extensions:train", run.hparams)
+    assert io_read(root)["code"] == fp.code_fingerprint(
+        "pipeline.train.extensions:train", run.hparams
+    )
 
     ran = _executed(extract_run, root, tmp_path / "run.h5")
     covered(ran, "pipeline.extract:extract_run", study)
@@ -390,7 +392,7 @@ def test_the_closure_holds_every_function_a_job_runs(tmp_path):
     run = cfg.expand_runs("t", teleport)[0]
     ran = _executed(train, tmp_path / "teleported", run.hparams, progress=False)
     assert "pipeline.teleport.training:teleport_extension" in ran
-    covered(ran, "pipeline.runs:train", run.hparams)
+    covered(ran, "pipeline.train.extensions:train", run.hparams)
 
 
 def covered(ran: set[str], target: str, config=None, **choose) -> None:
@@ -430,7 +432,7 @@ def test_stale_lists_the_frozen_jobs_whose_code_changed_and_accept_keeps_mtimes(
     }
     plan = studies.Plan.from_config(config)
     runs = plan.runs["frozen"]
-    current = fp.code_fingerprint("pipeline.runs:train", runs[0].hparams)
+    current = fp.code_fingerprint("pipeline.train.extensions:train", runs[0].hparams)
     for run, code in zip(runs[:3], [current, "0" * 16, None], strict=True):  # runs[3]: untrained
         summary = tmp_path / "results" / "frozen" / "runs" / run.name / "summary.json"
         summary.parent.mkdir(parents=True)

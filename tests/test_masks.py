@@ -13,7 +13,7 @@ import torch
 from drawn import capture, check_drawn
 from torch.func import functional_call
 
-from pipeline.config import expand_runs
+from pipeline.config import ConfigError, expand_runs
 from pipeline.data import load
 from pipeline.data.tasks import IGNORE, addmul_table, double_add_table, pixel_permutation, subtask
 from pipeline.masks import evaluate, overlap, removal, study
@@ -361,5 +361,5 @@ def test_study_stages_tables_and_figures(tmp_path):
             )
         assert pdf.stat().st_size > 1000 and png.stat().st_size > 1000
         check_drawn(figs[0])  # every panel draws finite data; no nan title or label
-    with pytest.raises(KeyError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"masks\.hparams\.step: unknown key"):
         study.mask_hparams({"step": 3})

@@ -35,7 +35,7 @@ from strategies import (
 from pipeline.config import TrainHparams
 from pipeline.mechanics.artifacts import RunArtifacts
 from pipeline.mechanics.cache import deviations
-from pipeline.metrics import register_metric
+from pipeline.metric_registry import register_metric
 from pipeline.models import neuron_structure
 from pipeline.train.optim import loss_fn, make_optimizer
 from pipeline.train.trace import MechanicsTrace

@@ -15,6 +15,7 @@ import yaml
 from scipy.cluster.hierarchy import average, fcluster
 from scipy.spatial.distance import pdist
 
+from pipeline.config import ConfigError
 from pipeline.recovery.cluster import (
     ADDITIONS,
     DEEP_FINETUNE,
@@ -194,7 +195,7 @@ def test_presets_and_switches():
         ClusterHparams.from_dict({"rule": "paper"})
     with pytest.raises(ValueError, match="cluster.cut"):
         ClusterHparams.from_dict({"cut": "lowest"})
-    with pytest.raises(KeyError, match="unknown keys"):
+    with pytest.raises(ConfigError, match=r"cluster\.tight: unknown key"):
         ClusterHparams.from_dict({"tight": True})
 
 

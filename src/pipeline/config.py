@@ -28,6 +28,24 @@ def _h(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
+def checked_block(cls, block: dict | None, where: str) -> dict:
+    """``block`` (a config dict; ``None``: empty) if every key is a field of dataclass ``cls``;
+    else a :class:`ConfigError` naming each unknown key as ``where.key`` and the allowed keys."""
+    block = {} if block is None else block
+    allowed = sorted(f.name for f in fields(cls))
+    unknown = sorted(set(block) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            [f"{where}.{key}: unknown key; allowed: {', '.join(allowed)}" for key in unknown]
+        )
+    return block
+
+
+def from_block(cls, block: dict | None, where: str):
+    """The hyperparameter dataclass ``cls`` from a config block (see :func:`checked_block`)."""
+    return cls(**checked_block(cls, block, where))
+
+
 @dataclass(frozen=True)
 class TrainHparams:
     optimizer: str = _h("sgd or adam", default="sgd")
@@ -152,7 +170,7 @@ def schema_problems(config: dict) -> list[str]:
 def train_problems(name: str, study: dict) -> list[str]:
     """Problems of a ``train`` study block: its models, dataset, metrics and sweep."""
     from pipeline.data import register_dataset
-    from pipeline.metrics import register_metric
+    from pipeline.metric_registry import register_metric
     from pipeline.models import register_model
 
     where = f"studies.{name}"
@@ -256,7 +274,7 @@ def selection_note(study: dict) -> str:
 
 def figure_problems(where: str, study: dict) -> list[str]:
     """Figure kinds must be registered; a figure reads a metric or a table, not both."""
-    from pipeline.metrics import register_metric
+    from pipeline.metric_registry import register_metric
     from pipeline.plots import register_figure
 
     out, kinds, metrics = [], register_figure.names(), register_metric.names()

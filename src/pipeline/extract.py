@@ -8,7 +8,7 @@ Layout (T = number of checkpoints, in step order)::
     optimizer/<param>/<key> [T, ...]  optimizer state per parameter (momentum_buffer,
                                       exp_avg, ...), NaN before the optimizer created it
     metrics/<name>       [T]       eval metrics stored with the checkpoint (NaN where absent)
-    attrs: hparams (JSON), structure (JSON neuron structure), run
+    attrs: hparams (JSON), run, structure (JSON neuron structure), input_shape, num_classes
 
 Datasets are chunked along time and gzip-compressed; checkpoints are read one at a time, so
 memory stays at one checkpoint whatever T is.

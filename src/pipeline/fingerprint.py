@@ -611,7 +611,7 @@ class _Closure:
 
 
 def _entry(target: str) -> tuple[str, str]:
-    """``"pipeline.mod:name"`` or a script's path -> the unit to start from."""
+    """``"pipeline.module:name"`` or a script's path -> the unit to start from."""
     if target.endswith(".py"):
         path = Path(target).resolve()
         if not path.is_file():

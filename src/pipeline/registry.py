@@ -32,7 +32,7 @@ class Entry:
     """What the source says about one registered function."""
 
     name: str
-    module: str  # dotted module path, e.g. "pipeline.models.mlp"
+    module: str  # dotted module path, e.g. "pipeline.models.small"
     function: str
     params: tuple[str, ...]  # keyword parameters (after the positional-only/required ones)
     defaults: dict

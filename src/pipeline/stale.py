@@ -46,7 +46,7 @@ def _check(summary: Path, output: str, target: str, config) -> Stale | None:
 
 def stale_jobs(plan: Plan, root: str | Path = ".") -> list[Stale]:
     """Every stale training job of the plan's studies with ``rerun_on_code_change: false``."""
-    train_code = source_constant("pipeline.runs", "TRAIN_CODE")  # (pipeline.runs imports torch)
+    train_code = source_constant("pipeline.train.extensions", "TRAIN_CODE")  # (it imports torch)
     root = Path(root)
     out = []
     for name, runs in plan.runs.items():

@@ -1,7 +1,7 @@
 """One similarity measure over every sampled pair of the study's zoos."""
 
+from pipeline.jobs import run_step
 from pipeline.modelsym.study import alignment_table
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

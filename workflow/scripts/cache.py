@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.mechanics.cache import cache_metric
-from pipeline.workflow import run_step
 
 names = snakemake.params.runs
 none = [None] * len(names)

@@ -1,7 +1,7 @@
 """Check one study's claims over its tables."""
 
 from pipeline.claims.check import check_study
-from pipeline.workflow import run_step
+from pipeline.jobs import run_step
 
 run_step(
     snakemake,

@@ -1,7 +1,7 @@
 """One table from several (per problem, per run, per strategy) tables."""
 
+from pipeline.jobs import run_step
 from pipeline.recovery.study import collect_tables
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

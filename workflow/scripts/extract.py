@@ -3,6 +3,6 @@
 from pathlib import Path
 
 from pipeline.extract import extract_run
-from pipeline.workflow import run_step
+from pipeline.jobs import run_step
 
 run_step(snakemake, extract_run, Path(snakemake.input.manifest).parent, snakemake.output[0])

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.masks.study import analyse
-from pipeline.workflow import run_step
 
 stages = Path(snakemake.input.stages)
 run_step(

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.masks.study import collect
-from pipeline.workflow import run_step
 
 
 def collect_all(run_dirs, outputs):

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.masks.study import run_transfer
-from pipeline.workflow import run_step
 
 study = snakemake.params.study
 run_step(

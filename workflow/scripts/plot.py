@@ -1,7 +1,7 @@
 """Draw one figure from cached tables (PDF + PNG)."""
 
+from pipeline.jobs import run_step
 from pipeline.plots import draw
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

@@ -3,9 +3,9 @@
 from pathlib import Path
 
 from pipeline.config import resolve_hparams
+from pipeline.jobs import run_step
 from pipeline.pruning.lottery import run_lottery
 from pipeline.train.pruning import LotteryHparams
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

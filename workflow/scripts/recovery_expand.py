@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.recovery.study import run_expand
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

@@ -1,7 +1,7 @@
 """The rotation/projection control on the study's listed members."""
 
+from pipeline.jobs import run_step
 from pipeline.modelsym.study import rotation_table
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

@@ -1,7 +1,7 @@
 """One stitching type over every sampled pair of the study's zoos."""
 
+from pipeline.jobs import run_step
 from pipeline.modelsym.study import stitching_table
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.teleport.tables import write_study_table
-from pipeline.workflow import run_step
 
 out = snakemake.output[0]
 kind = snakemake.wildcards.get("table", Path(out).stem)

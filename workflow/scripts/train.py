@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from pipeline.config import resolve_hparams
-from pipeline.runs import train
-from pipeline.workflow import run_step
+from pipeline.jobs import run_step
+from pipeline.train.extensions import train
 
 run_step(
     snakemake,

@@ -1,8 +1,8 @@
 """Train several runs in one job (each resumes from its own checkpoints)."""
 
 from pipeline.config import resolve_hparams
-from pipeline.runs import train_many
-from pipeline.workflow import run_step
+from pipeline.jobs import run_step
+from pipeline.train.extensions import train_many
 
 run_step(
     snakemake,

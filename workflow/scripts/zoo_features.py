@@ -1,7 +1,7 @@
 """A zoo's members' activations at every probe layer, on the study's probe set (HDF5 each)."""
 
+from pipeline.jobs import run_step
 from pipeline.modelsym.study import extract_all
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

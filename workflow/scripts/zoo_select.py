@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.modelsym.members import select_checkpoint
-from pipeline.workflow import run_step
 
 run_step(snakemake, select_checkpoint, Path(snakemake.input.manifest).parent, snakemake.output[0])

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from pipeline.jobs import run_step
 from pipeline.modelsym.study import train_members
-from pipeline.workflow import run_step
 
 run_step(
     snakemake,

@@ -3,7 +3,8 @@
 A registered dataset function returns a :class:`Source`: either resident arrays (digits, MNIST,
 CIFAR: small enough to live on the device as tensors, batched by indexing, no per-item loop) or
 an image-folder listing (Tiny ImageNet, ImageNet: decoded by DataLoader workers). :func:`load`
-turns a source into :class:`Splits` with a validation split held out of the training data.
+turns a source into :class:`~pipeline.data.tensors.Splits` with a validation split held out of
+the training data.
 """
 
 from __future__ import annotations

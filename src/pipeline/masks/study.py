@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from pipeline import devices, io
+from pipeline.config import from_block
 from pipeline.data import load as load_data
 from pipeline.masks import evaluate, overlap, removal
 from pipeline.masks.controls import apply_control
@@ -70,14 +71,7 @@ class Trained:
 
 def mask_hparams(values: dict | None) -> MaskHparams:
     """:class:`MaskHparams` from a config dict; unknown keys are named."""
-    values = dict(values or {})
-    allowed = {f.name for f in fields(MaskHparams)}
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise KeyError(
-            f"masks.hparams: unknown keys {unknown}; allowed: " + ", ".join(sorted(allowed))
-        )
-    return MaskHparams(**values)
+    return from_block(MaskHparams, values, "masks.hparams")
 
 
 def load_trained(

@@ -7,7 +7,7 @@ import pandas as pd
 
 from pipeline import io
 from pipeline.mechanics.artifacts import RunArtifacts
-from pipeline.metrics import register_metric
+from pipeline.metric_registry import register_metric
 
 
 def deviations(table: pd.DataFrame) -> pd.DataFrame:

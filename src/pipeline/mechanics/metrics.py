@@ -14,7 +14,7 @@ import pandas as pd
 
 from pipeline.mechanics import theory
 from pipeline.mechanics.artifacts import RunArtifacts
-from pipeline.metrics import register_metric
+from pipeline.metric_registry import register_metric
 from pipeline.models.reductions import column_sums, part_sumsq
 from pipeline.symmetry.groups import rescale_sets, scale_sets, translation_layer
 

@@ -19,7 +19,8 @@ order):
    rows are added in order), one add per summand beyond.
 
 Since every sum reduces the same entries, in the same order, with the same memory layout as
-``per_neuron`` does, the results equal :func:`part_sumsq`'s bit for bit on one CPU thread (the
+``per_neuron`` does, the results equal :func:`~pipeline.models.reductions.part_sumsq`'s bit for
+bit on one CPU thread (the
 training jobs' setting; ``tests/test_trace_plan.py`` checks it on random registered models, and
 the default's trace.h5 is byte-identical). With more threads torch may split a large sum
 differently for the batched and the per-slice shapes; on CUDA the reduction kernels' schedule

@@ -19,12 +19,13 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
 
 from pipeline import seeding
+from pipeline.config import from_block
 from pipeline.modelsym.matching import evaluate_model
 from pipeline.modelsym.stitch_layers import register_stitching_layer
 from pipeline.modelsym.stitched import (
@@ -51,15 +52,8 @@ class StitchSettings:
     eval_batch_size: int = 1024
 
     @classmethod
-    def from_dict(cls, options: dict | None) -> StitchSettings:
-        options = options or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"stitching settings: unknown keys {unknown}; allowed: " + ", ".join(sorted(known))
-            )
-        return cls(**options)
+    def from_dict(cls, options: dict | None, where: str = "stitching.settings") -> StitchSettings:
+        return from_block(cls, options, where)
 
 
 def _optimizer(groups, s: StitchSettings):

@@ -13,8 +13,9 @@ The block (see config/schema/config.schema.yaml, ``modelsym_study``)::
     rotation: {zoos: [...], groups: [...], ...}
 
 Vectorised zoos (no BatchNorm, no dropout) train as one ``train_zoo`` job per chunk of seeds;
-the others train as ordinary runs (``zoo~<zoo>/seed~<s>``) and :func:`select_checkpoint` turns
-each into a member on its validation split. Everything parse-time here is torch-free.
+the others train as ordinary runs (``zoo~<zoo>/seed~<s>``) and
+:func:`~pipeline.modelsym.members.select_checkpoint` turns each into a member on its validation
+split. Everything parse-time here is torch-free.
 """
 
 from __future__ import annotations
@@ -210,8 +211,8 @@ def train_members(
 ) -> dict:
     """One vectorised job: a member file per seed (see :func:`pipeline.modelsym.zoo.train_zoo`);
     ``nondefault``: :func:`zoo_hparams`. ``summary.json`` records the code fingerprint
-    (:data:`ZOO_CODE`, as for runs: :mod:`pipeline.runs`): ``code``, or computed here if not
-    given."""
+    (:data:`ZOO_CODE`, as for runs: :mod:`pipeline.train.extensions`): ``code``, or computed here
+    if not given."""
     from pipeline.config import resolve_hparams
     from pipeline.modelsym.zoo import train_zoo
 

@@ -133,8 +133,9 @@ def run_lottery(
     data_dir: str = "data",
     threads: int = 1,
 ) -> pd.DataFrame:
-    """Lottery levels for the run described by ``hparams`` (as :func:`train_run` takes them);
-    writes the files listed in the module docstring and returns the level table."""
+    """Lottery levels for the run described by ``hparams`` (as
+    :func:`pipeline.train.loop.train_run` takes them); writes the files listed in the module
+    docstring and returns the level table."""
     from pipeline.models import neuron_structure
     from pipeline.train.setup import placed_data, run_model
 

@@ -14,7 +14,8 @@ width from its input-output behaviour.
 
 :mod:`~pipeline.recovery.study` holds the file-to-file stages the workflow runs (expand,
 cluster, the students' lottery, the toy family); :mod:`~pipeline.recovery.lottery` the pruning
-control on the stacked students (it uses :mod:`pipeline.pruning`'s masks and levels). The
-networks are fully connected chains (:mod:`~pipeline.recovery.chain`), read from the neuron
-structure of the registered ``mlp`` model.
+control on the stacked students (with the core's masks and levels,
+:mod:`pipeline.train.pruning`). The networks are fully connected chains
+(:mod:`~pipeline.recovery.chain`), read from the neuron structure of the registered ``mlp``
+model.
 """

@@ -63,8 +63,9 @@ import pandas as pd
 import torch
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from pipeline.config import checked_block, from_block
 from pipeline.models import activations
-from pipeline.recovery.students import FitHparams, checked_keys
+from pipeline.recovery.students import FitHparams
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,9 @@ class ClusterHparams:
     @classmethod
     def from_dict(cls, raw: dict, where: str = "cluster") -> ClusterHparams:
         raw = dict(raw)
-        checked_keys(cls, raw, where)
+        checked_block(cls, raw, where)
         fits = {
-            k: FitHparams(**checked_keys(FitHparams, raw.pop(k), f"{where}.{k}"))
+            k: from_block(FitHparams, raw.pop(k), f"{where}.{k}")
             for k in ("finetune", "final")
             if k in raw
         }

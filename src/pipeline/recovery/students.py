@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 
 from pipeline import devices, seeding
+from pipeline.config import checked_block, from_block
 from pipeline.recovery.chain import (
     Chain,
     StackedMSE,
@@ -96,11 +97,11 @@ class ExpandHparams:
     @classmethod
     def from_dict(cls, raw: dict, where: str = "expand") -> ExpandHparams:
         raw = dict(raw)
-        fit = FitHparams(**checked_keys(FitHparams, raw.pop("fit", {}), f"{where}.fit"))
+        fit = from_block(FitHparams, raw.pop("fit", {}), f"{where}.fit")
         polish = raw.pop("polish", None)
         if polish is not None:
-            polish = FitHparams(**checked_keys(FitHparams, polish, f"{where}.polish"))
-        h = cls(**checked_keys(cls, raw, where), fit=fit, polish=polish)
+            polish = from_block(FitHparams, polish, f"{where}.polish")
+        h = cls(**checked_block(cls, raw, where), fit=fit, polish=polish)
         devices.dtype(h.dtype, f"{where}.dtype")  # a clear error for any other name
         return h
 
@@ -111,15 +112,6 @@ class ExpandHparams:
 # gamma N of them share; layer 1 then keeps them and layer 2's incoming vectors (on duplicated
 # or extra columns) are not identifiable. The deep benchmark and the deep relu test use it.
 DEEP_POLISH = FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=2000, log_every=500)
-
-
-def checked_keys(cls, raw: dict, where: str) -> dict:
-    """``raw`` if all its keys are fields of dataclass ``cls``; else a ``KeyError`` naming them."""
-    allowed = set(cls.__dataclass_fields__)
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        raise KeyError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
-    return raw
 
 
 @dataclass

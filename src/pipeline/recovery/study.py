@@ -21,12 +21,13 @@ import pandas as pd
 import torch
 
 from pipeline import devices, io, seeding
+from pipeline.config import from_block
 from pipeline.recovery.chain import Chain
 from pipeline.recovery.cluster import ClusterHparams
 from pipeline.recovery.collapse import RecoveryFailed, reconstruct
 from pipeline.recovery.evaluate import compare, recovery_table
 from pipeline.recovery.plan import TOLERANCE
-from pipeline.recovery.students import ExpandHparams, FitResult, checked_keys, train_students
+from pipeline.recovery.students import ExpandHparams, FitResult, train_students
 from pipeline.recovery.teachers import (
     ProbeData,
     ToyTeacher,
@@ -41,7 +42,7 @@ def make_teacher(spec: dict, data_dir="data", dtype=torch.float64) -> tuple[Chai
     spec = dict(spec)
     kind = spec.pop("kind", "toy")
     if kind == "toy":
-        toy = ToyTeacher(**checked_keys(ToyTeacher, spec, "teacher"))
+        toy = from_block(ToyTeacher, spec, "teacher")
         return make_toy_teacher(toy, dtype)
     if kind == "run":
         from pipeline.data import register_dataset
@@ -240,7 +241,7 @@ def run_student_lottery(
     torch.set_num_threads(threads)
     chain, params = make_teacher(teacher, data_dir, devices.dtype(dtype))
     data = make_probe(chain, params, probe, data_dir).to(devices.resolve(device))
-    h = LotteryHparams(**checked_keys(LotteryHparams, lottery, "lottery"))
+    h = from_block(LotteryHparams, lottery, "lottery")
     return student_lottery(chain, data, ExpandHparams.from_dict(expand), h, out_dir)
 
 

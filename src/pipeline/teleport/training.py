@@ -21,8 +21,8 @@ import torch
 from pipeline import seeding
 from pipeline.models import neuron_structure
 from pipeline.models.structure import NeuronStructure
-from pipeline.runs import register_extension
 from pipeline.teleport.cob import ChangeOfBasis, identity, parameter_scales, sample
+from pipeline.train.extensions import register_extension
 
 
 class Preconditioner:

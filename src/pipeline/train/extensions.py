@@ -21,7 +21,7 @@ from pipeline.registry import Registry
 from pipeline.train.loop import train_run
 
 #: What a run's recorded code fingerprint covers (with the run's hyperparameters as its config).
-TRAIN_CODE = "pipeline.runs:train"
+TRAIN_CODE = "pipeline.train.extensions:train"
 
 register_extension = Registry("training extension", "register_extension")
 
