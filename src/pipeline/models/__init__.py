@@ -2,7 +2,7 @@
 
 The options are the builder's keyword parameters (checked against the config before any job runs).
 Every model's neuron structure is derived from its forward graph by
-:func:`pipeline.models.structure.derive`, so adding a model is one builder function.
+:func:`pipeline.models.derivation.derive`, so adding a model is one builder function.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def neuron_structure(model, input_shape):
 
     (Not called ``structure``: that name is the submodule.)
     """
-    from pipeline.models.structure import derive
+    from pipeline.models.derivation import derive
 
     cached = getattr(model, "_neuron_structure", None)
     if cached is None:

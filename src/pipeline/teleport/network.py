@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from pipeline.models import neuron_structure
-from pipeline.models.structure import NeuronStructure, record_shapes
+from pipeline.models.derivation import record_shapes
+from pipeline.models.structure import NeuronStructure
 from pipeline.teleport.cob import (
     ChangeOfBasis,
     branch_factors,
