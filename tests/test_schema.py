@@ -60,7 +60,9 @@ def test_the_schema_has_one_block_per_registered_kind():
     schema = load_schema()
     study = schema["$defs"]["study"]
     branches = {b["if"]["properties"]["kind"]["const"]: b["then"]["$ref"] for b in study["allOf"]}
-    assert set(branches) == set(KINDS)
+    assert set(branches) == set(KINDS), f"allOf branches vs registered kinds: {sorted(branches)}"
+    enum = study["properties"]["kind"]["enum"]
+    assert set(enum) == set(KINDS), f"$defs/study kind enum {enum} vs registered {sorted(KINDS)}"
     for name, cls in KINDS.items():
         assert issubclass(cls, StudyKind)
         assert branches[name] == f"#/$defs/{cls.schema}", name

@@ -97,3 +97,32 @@ def test_a_lottery_is_planned_by_its_owner(plans):
             assert len({path for path, _ in inputs}) == len(inputs)
             seen.add(type(planner))
     assert seen == {PrunePart, RecoveryStudy}
+
+
+def _reads_a_table(path: Path) -> bool:
+    studies = load(path).get("studies", {}).values()
+    return any("table" in f for spec in studies for f in spec.get("figures", {}).values())
+
+
+@pytest.mark.parametrize(
+    "config", [p.relative_to(ROOT).as_posix() for p in CONFIGS if _reads_a_table(p)]
+)
+def test_a_figure_naming_a_table_its_study_lacks_is_refused_by_key(config):
+    """A misspelt ``table:`` stops the plan naming each such figure's key (instead of a missing
+    input from Snakemake), before any job."""
+    from pipeline.config import ConfigError
+    from pipeline.studies import validate
+
+    cfg = load(ROOT / config)
+    validate(cfg)
+    keys = {}
+    for study, spec in cfg["studies"].items():
+        for fig, fspec in spec.get("figures", {}).items():
+            if "table" in fspec:
+                fspec["table"] += "s"
+                keys[f"studies.{study}.figures.{fig}.table"] = fspec["table"]
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for key, wrong in keys.items():
+        assert f"{key}: {wrong!r} is not a table" in str(err.value), key
+    assert len(err.value.problems) == len(keys)

@@ -91,6 +91,10 @@ class StudyKind:
         """The tables the study's claims may read (same form as :meth:`tables`)."""
         return self.tables()
 
+    def figure_tables(self) -> list[str]:
+        """The tables a figure's ``table:`` may name (same form as :meth:`tables`)."""
+        return list(dict.fromkeys(self.tables() + self.claim_tables()))
+
     def recorded_jobs(self) -> list[tuple[str, str, dict]]:
         """Jobs beyond the runs that record the code that made them (:mod:`pipeline.stale`):
         ``(summary.json path, code target, config)``."""
@@ -253,6 +257,22 @@ class AnalysisStudy(StudyKind):
         return out + dataset_problems(f"{where}.dataset", self.spec.get("dataset", "digits"))
 
 
+def table_problems(kind: StudyKind) -> list[str]:
+    """Each figure's ``table:`` must name a table the study builds (:meth:`StudyKind.table`
+    of the name among :meth:`StudyKind.figure_tables`)."""
+    known = kind.figure_tables()
+    names = sorted({t.rsplit("/", 1)[-1] for t in known if not t.startswith("cache/")})
+    names = [n for n in names if kind.table(n) in known]
+    out = []
+    for fig, spec in kind.spec.get("figures", {}).items():
+        if "table" in spec and kind.table(spec["table"]) not in known:
+            out.append(
+                f"studies.{kind.name}.figures.{fig}.table: {spec['table']!r} is not a table of "
+                f"this {kind.spec['kind']} study; tables: {', '.join(names) or '(none)'}"
+            )
+    return out
+
+
 def kind_class(kind: str) -> type[StudyKind]:
     """The class of study kind ``kind`` (``train`` or a registered one)."""
     if kind == "train":
@@ -273,7 +293,8 @@ def validate(config: dict) -> None:
     studies = config.get("studies", {})
     figures: dict[str, str] = {}
     for name, spec in studies.items():
-        problems += kind_class(spec["kind"])(name, spec).problems(studies)
+        kind = kind_class(spec["kind"])(name, spec)
+        problems += kind.problems(studies) + table_problems(kind)
         problems += figure_problems(f"studies.{name}", spec)
         for fig in spec.get("figures", {}):
             if fig in figures:

@@ -135,6 +135,9 @@ class RecoveryStudy(StudyKind):
         out = ["tables/recovery"]
         return out + ["tables/lottery"] if "lottery" in self.spec else out
 
+    def figure_tables(self) -> list[str]:
+        return list(dict.fromkeys(super().figure_tables() + [f"tables/{t}" for t in TABLES]))
+
     def collect_inputs(self, table: str) -> list[str]:
         """The per-problem files of the study table ``table`` (one of :data:`TABLES`)."""
         stage = "students" if table == "students_history" else "cluster"
