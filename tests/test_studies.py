@@ -47,6 +47,15 @@ def test_every_rule_family_the_rules_name_is_planned_by_some_study(plans):
     assert planned <= set(FAMILIES) | {"chunked"}, sorted(planned - set(FAMILIES))
 
 
+def test_the_snakefile_includes_every_rule_file():
+    """A rule file the Snakefile does not include builds nothing (its studies' tables are then
+    missing inputs of ``all``), though its families count as planned above."""
+    text = (ROOT / "Snakefile").read_text()
+    included = set(re.findall(r'^include:\s*"(rules/[^"]+\.smk)"', text, re.M))
+    files = {p.relative_to(ROOT).as_posix() for p in (ROOT / "rules").glob("*.smk")}
+    assert files <= included, f"add to the Snakefile: include: {sorted(files - included)}"
+
+
 def test_every_kind_is_a_class_the_plan_instantiates(plans):
     assert {"train", "modelsym", "recovery"} <= set(kind_names())
     for plan in plans.values():
