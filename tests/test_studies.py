@@ -135,3 +135,44 @@ def test_a_figure_naming_a_table_its_study_lacks_is_refused_by_key(config):
     for key, wrong in keys.items():
         assert f"{key}: {wrong!r} is not a table" in str(err.value), key
     assert len(err.value.problems) == len(keys)
+
+
+def _has_modelsym(path: Path) -> bool:
+    return any(s["kind"] == "modelsym" for s in load(path).get("studies", {}).values())
+
+
+@pytest.mark.parametrize(
+    "config", [p.relative_to(ROOT).as_posix() for p in CONFIGS if _has_modelsym(p)]
+)
+def test_a_misspelt_similarity_or_stitching_layer_is_refused_by_key(config):
+    """Alignment measures and stitching types are registry names with their functions'
+    keywords as options: a misspelt name or option stops the plan naming its key."""
+    from pipeline.config import ConfigError
+    from pipeline.studies import validate
+
+    cfg = load(ROOT / config)
+    keys = []
+    for study, spec in cfg["studies"].items():
+        if spec["kind"] != "modelsym":
+            continue
+        where = f"studies.{study}"
+        metrics = spec["alignment"]["metrics"]
+        for i, name in enumerate(list(metrics)):
+            if i % 2:
+                metrics[name + "z"] = metrics.pop(name)
+                keys.append(f"{where}.alignment.metrics.{name}z: unknown similarity")
+            else:
+                metrics[name] = {**metrics[name], "nosuch": 1}
+                keys.append(f"{where}.alignment.metrics.{name}.nosuch: unknown option")
+        for i, (label, typ) in enumerate(spec.get("stitching", {}).get("types", {}).items()):
+            if i % 2:
+                typ["type"] += "z"
+                keys.append(f"{where}.stitching.types.{label}.type: unknown stitching layer")
+            else:
+                typ.setdefault("grid", {})["nosuch"] = [1]
+                keys.append(f"{where}.stitching.types.{label}.grid.nosuch: unknown option")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for key in keys:
+        assert key in str(err.value), key
+    assert len(err.value.problems) == len(keys)

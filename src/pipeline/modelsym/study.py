@@ -30,7 +30,8 @@ from pipeline.config import (
     model_problems,
     selection_problems,
 )
-from pipeline.modelsym import sample_pairs
+from pipeline.modelsym import register_stitching_layer, sample_pairs
+from pipeline.modelsym.similarity import register_similarity
 from pipeline.studies import StudyKind, register_study_kind
 
 #: What a vectorised zoo job's recorded code fingerprint covers (config: :func:`zoo_hparams`).
@@ -77,6 +78,20 @@ def pairs(study: dict, zoo: str) -> list[tuple[int, int]]:
     return sample_pairs(
         study["zoos"][zoo]["seeds"], study.get("pairs", 1), study.get("pair_seed", 0)
     )
+
+
+def _registry_problems(where: str, block: str, registry, name: str, options) -> list[str]:
+    """``name`` must be registered in ``registry`` (named at ``where``) and each option (at
+    ``block``.option; ``grid.<option>`` for a grid's) a keyword of its function."""
+    entries = registry.entries()
+    if name not in entries:
+        return [f"{where}: unknown {registry.kind} {name!r}; allowed: {', '.join(sorted(entries))}"]
+    params = entries[name].params
+    return [
+        f"{block}.{key}: unknown option of {registry.kind} {name!r}; allowed: {', '.join(params)}"
+        for key in options
+        if key.removeprefix("grid.") not in params
+    ]
 
 
 class ModelsymStudy(StudyKind):
@@ -132,6 +147,16 @@ class ModelsymStudy(StudyKind):
             first = _zoo_study(spec, {**block, "seeds": block["seeds"][:1]})
             blocks.append((f"{where}.zoos.{zoo}.train", first))
         out += selection_problems(where, blocks, spec)
+        for metric, options in spec.get("alignment", {}).get("metrics", {}).items():
+            at = f"{where}.alignment.metrics.{metric}"
+            out += _registry_problems(at, at, register_similarity, metric, options)
+        for label, typ in spec.get("stitching", {}).get("types", {}).items():
+            at = f"{where}.stitching.types.{label}"
+            options = [k for k in typ if k not in ("type", "settings", "grid")]
+            options += [f"grid.{k}" for k in typ.get("grid", {})]
+            out += _registry_problems(
+                f"{at}.type", at, register_stitching_layer, typ["type"], options
+            )
         if not spec.get("dataset", {}).get("val_fraction", 0.1) > 0:
             out.append(
                 f"{where}.dataset.val_fraction: zoo members are selected on the validation "
