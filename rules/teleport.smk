@@ -63,7 +63,7 @@ rule teleport_analysis:
     benchmark:
         "results/{study}/benchmarks/teleport_{table}.tsv"
     wildcard_constraints:
-        study=studies("analysis"),
+        study=studies("teleport_analysis"),
         table="micro|statistics|histograms",
     params:
         spec=lambda w: PLAN.study(w.study),

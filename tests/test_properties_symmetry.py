@@ -51,7 +51,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_model_option_has_a_strategy():
     """A registered model whose builder has an option no strategy draws is named here (add it to
     strategies.OPTIONS)."""
-    assert missing_options() == {}
+    missing = missing_options()
+    assert not missing, f"add these options to OPTIONS in tests/strategies.py: {missing}"
 
 
 def draw_element(structure, ops, gen, spread, dtype) -> GroupElement:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load
+from pipeline.config import ConfigError, load
 from pipeline.pruning.plan import PrunePart
 from pipeline.recovery.plan import RecoveryStudy
-from pipeline.studies import Plan, StudyKind, TrainStudy, kind_class, kind_names
+from pipeline.studies import Plan, StudyKind, TrainStudy, kind_class, kind_names, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "config").rglob("*.yaml") if "schema" not in p.parts)
@@ -74,7 +74,7 @@ def test_the_default_plans_each_science_table_where_its_rule_writes_it(plans):
         "transfer": [r"transfer/accuracy"],
         "teleport_validation": [r"tables/validation"],
         "interpolation": [r"tables/interpolation"],
-        "analysis": [r"tables/(micro|statistics|histograms)"],
+        "teleport_analysis": [r"tables/(micro|statistics|histograms)"],
         "modelsym": [r"tables/(alignment|stitching|rotation)"],
         "recovery": [r"tables/recovery"],
         "lottery": [r"tables/lottery"],
@@ -176,3 +176,63 @@ def test_a_misspelt_similarity_or_stitching_layer_is_refused_by_key(config):
     for key in keys:
         assert key in str(err.value), key
     assert len(err.value.problems) == len(keys)
+
+
+RECOVERY_MISUSE = {
+    # mutation of the default's recovery study -> the key the error must name
+    "teacher key": (
+        lambda st: st["problems"]["toy_tanh"]["teacher"].update(widht=3),
+        "teacher.widht",
+    ),
+    "teacher activation": (
+        lambda st: st["problems"]["toy_tanh"]["teacher"].update(activation="tanhh"),
+        "teacher.activation",
+    ),
+    "run teacher key": (
+        lambda st: st["problems"]["digits"]["teacher"].update(extra=1),
+        "digits.teacher.extra",
+    ),
+    "probe key": (lambda st: st["problems"]["toy_tanh"]["probe"].update(nn=5), "probe.nn"),
+    "probe inputs": (
+        lambda st: st["problems"]["toy_tanh"]["probe"].update(inputs="gausian"),
+        "probe.inputs",
+    ),
+    "dataset key on a distribution probe": (
+        lambda st: st["problems"]["toy_tanh"]["probe"].update(noise=0.1),
+        "probe.noise",
+    ),
+    "family key": (lambda st: st.update(family={"count": 2, "cnt": 3}), "family.cnt"),
+    "family activation": (
+        lambda st: st.update(family={"count": 2, "activations": ["relu", "sigmod"]}),
+        "family.activations[1]",
+    ),
+    "distribution key on a dataset probe": (
+        lambda st: st.update(family={"count": 2, "probe": {"inputs": "digits", "n": 4}}),
+        "family.probe.n",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECOVERY_MISUSE))
+def test_a_misspelt_recovery_teacher_probe_or_family_is_refused_by_key(case):
+    """The recovery blocks that used to be free objects (teacher, probe, family) are typed:
+    a misspelt key or value fails before any job, naming the key."""
+    config = load(ROOT / "config" / "config.yaml")
+    mutate, key = RECOVERY_MISUSE[case]
+    mutate(config["studies"]["recovery"])
+    with pytest.raises(ConfigError, match=re.escape("studies.recovery.") + ".*" + re.escape(key)):
+        validate(config)
+
+
+def test_a_kind_the_schema_allows_but_nobody_registers_is_a_config_error(monkeypatch):
+    """A kind added to the schema whose class is not registered (a forgotten decorator) stops
+    the workflow naming the study's key, not with a registry traceback."""
+    import pipeline.config as cfg
+
+    schema = cfg.load_schema()
+    study = schema["$defs"]["study"]
+    study["properties"]["kind"]["enum"].append("weight_norms")
+    monkeypatch.setattr(cfg, "load_schema", lambda: schema)
+    config = {"studies": {"norms": {"kind": "weight_norms"}}}
+    with pytest.raises(ConfigError, match=r"studies\.norms\.kind: no study kind 'weight_norms'"):
+        validate(config)

@@ -31,11 +31,9 @@ from typing import ClassVar
 from pipeline.config import (
     ConfigError,
     Run,
-    dataset_problems,
     defaults,
     expand_runs,
     figure_problems,
-    model_problems,
     schema_problems,
     selection_note,
     selection_problems,
@@ -235,28 +233,6 @@ class TrainStudy(StudyKind):
         return out
 
 
-class AnalysisStudy(StudyKind):
-    """A study that trains nothing itself and writes one table (the teleportation analyses):
-    subclasses set ``schema`` and ``table_name``."""
-
-    table_name: ClassVar[str]
-
-    def rules(self) -> set[str]:
-        return {"analysis"}
-
-    def tables(self) -> list[str]:
-        return [f"tables/{self.table_name}"]
-
-    def problems(self, studies: dict) -> list[str]:
-        where = f"studies.{self.name}"
-        out = []
-        if "model" in self.spec:
-            out += model_problems(f"{where}.model", self.spec["model"])
-        for i, block in enumerate(self.spec.get("models", [])):
-            out += model_problems(f"{where}.models[{i}]", block)
-        return out + dataset_problems(f"{where}.dataset", self.spec.get("dataset", "digits"))
-
-
 def table_problems(kind: StudyKind) -> list[str]:
     """Each figure's ``table:`` must name a table the study builds (:meth:`StudyKind.table`
     of the name among :meth:`StudyKind.figure_tables`)."""
@@ -293,6 +269,11 @@ def validate(config: dict) -> None:
     studies = config.get("studies", {})
     figures: dict[str, str] = {}
     for name, spec in studies.items():
+        if spec["kind"] not in kind_names():  # in the schema, not registered
+            allowed = ", ".join(kind_names())
+            where = f"studies.{name}.kind"
+            problems.append(f"{where}: no study kind {spec['kind']!r}; allowed: {allowed}")
+            continue
         kind = kind_class(spec["kind"])(name, spec)
         problems += kind.problems(studies) + table_problems(kind)
         problems += figure_problems(f"studies.{name}", spec)

@@ -117,6 +117,7 @@ class RecoveryStudy(StudyKind):
         "recovery_fit": "pipeline.recovery.students:FitHparams",
         "recovery_cluster": "pipeline.recovery.cluster:ClusterHparams",
         "lottery": "pipeline.train.pruning:LotteryHparams",
+        "recovery_toy_teacher": "pipeline.recovery.teachers:ToyTeacher",
     }
 
     @cached_property
@@ -162,28 +163,72 @@ class RecoveryStudy(StudyKind):
         ]
 
     def problems(self, studies: dict) -> list[str]:
-        """A problem whose teacher is a trained run must name a run of a train study."""
+        """Each problem's teacher (a toy teacher's activation is a known one; a trained run is a
+        run of a train study) and probe (:func:`probe_problems`), and the family's."""
+        where = f"studies.{self.name}"
         out = []
         for problem, spec in self.spec.get("problems", {}).items():
-            teacher = spec.get("teacher", {})
-            if teacher.get("kind") != "run":
-                continue
-            where = f"studies.{self.name}.problems.{problem}.teacher"
-            other = studies.get(teacher.get("study"))
-            if other is None or other["kind"] != "train":
-                trains = [s for s, v in studies.items() if v["kind"] == "train"]
-                out.append(
-                    f"{where}.study: {teacher.get('study')!r} is not a train study; "
-                    f"allowed: {', '.join(trains)}"
-                )
-                continue
-            runs = [r.name for r in expand_runs(teacher["study"], other)]
-            if teacher.get("run") not in runs:
-                out.append(
-                    f"{where}.run: {teacher.get('run')!r} is not a run of study "
-                    f"{teacher['study']!r}; runs: {', '.join(runs)}"
-                )
+            out += teacher_problems(f"{where}.problems.{problem}.teacher", spec["teacher"], studies)
+            out += probe_problems(f"{where}.problems.{problem}.probe", spec.get("probe", {}))
+        family = self.spec.get("family", {})
+        for i, act in enumerate(family.get("activations", ())):
+            out += activation_problems(f"{where}.family.activations[{i}]", act)
+        out += probe_problems(f"{where}.family.probe", family.get("probe", {}))
         return out
+
+
+#: probe keys that only a distribution, or only a dataset, reads
+DISTRIBUTION_KEYS, DATASET_KEYS = ("n", "n_test", "scale"), ("noise", "subset", "mask_inputs")
+
+
+def probe_problems(where: str, probe: dict) -> list[str]:
+    """A probe's inputs must be a distribution (gaussian, uniform) or a registered dataset, and
+    it may hold only the keys its kind of inputs reads."""
+    from pipeline.data import register_dataset
+
+    inputs = probe.get("inputs", "gaussian")
+    if inputs in ("gaussian", "uniform"):
+        foreign, kind = DATASET_KEYS, "a distribution"
+    elif inputs in register_dataset.names():
+        foreign, kind = DISTRIBUTION_KEYS, "a dataset"
+    else:
+        allowed = ", ".join(["gaussian", "uniform", *register_dataset.names()])
+        what = "is not a distribution or a dataset"
+        return [f"{where}.inputs: {inputs!r} {what}; allowed: {allowed}"]
+    return [
+        f"{where}.{key}: {kind} probe (inputs: {inputs}) does not read it"
+        for key in foreign
+        if key in probe
+    ]
+
+
+def activation_problems(where: str, name: str) -> list[str]:
+    from pipeline.models.activations import TABLE
+
+    if name in TABLE:
+        return []
+    return [f"{where}: unknown activation {name!r}; allowed: {', '.join(sorted(TABLE))}"]
+
+
+def teacher_problems(where: str, teacher: dict, studies: dict) -> list[str]:
+    """A toy teacher's activation must be known; a trained run's teacher must name a run of a
+    train study of the config."""
+    if teacher.get("kind") != "run":
+        return activation_problems(f"{where}.activation", teacher.get("activation", "relu"))
+    other = studies.get(teacher.get("study"))
+    if other is None or other["kind"] != "train":
+        trains = [s for s, v in studies.items() if v["kind"] == "train"]
+        return [
+            f"{where}.study: {teacher.get('study')!r} is not a train study; "
+            f"allowed: {', '.join(trains)}"
+        ]
+    runs = [r.name for r in expand_runs(teacher["study"], other)]
+    if teacher.get("run") not in runs:
+        return [
+            f"{where}.run: {teacher.get('run')!r} is not a run of study "
+            f"{teacher['study']!r}; runs: {', '.join(runs)}"
+        ]
+    return []
 
 
 @register_study_kind("recovery")

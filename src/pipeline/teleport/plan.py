@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+from pipeline.config import dataset_problems, model_problems
 from pipeline.studies import (
-    AnalysisStudy,
     StudyKind,
     StudyPart,
     register_study_kind,
@@ -50,6 +52,28 @@ class InterpolationPart(StudyPart):
                 "batch_size)"
             ]
         return []
+
+
+class AnalysisStudy(StudyKind):
+    """A teleportation analysis: trains nothing, writes one table from its block alone
+    (subclasses set ``schema``, ``keys`` and ``table_name``)."""
+
+    table_name: ClassVar[str]
+
+    def rules(self) -> set[str]:
+        return {"teleport_analysis"}
+
+    def tables(self) -> list[str]:
+        return [f"tables/{self.table_name}"]
+
+    def problems(self, studies: dict) -> list[str]:
+        where = f"studies.{self.name}"
+        out = []
+        if "model" in self.spec:
+            out += model_problems(f"{where}.model", self.spec["model"])
+        for i, block in enumerate(self.spec.get("models", [])):
+            out += model_problems(f"{where}.models[{i}]", block)
+        return out + dataset_problems(f"{where}.dataset", self.spec.get("dataset", "digits"))
 
 
 class MicroStudy(AnalysisStudy):
