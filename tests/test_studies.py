@@ -133,8 +133,11 @@ def test_a_figure_naming_a_table_its_study_lacks_is_refused_by_key(config):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     for key, wrong in keys.items():
-        assert f"{key}: {wrong!r} is not a table" in str(err.value), key
-    assert len(err.value.problems) == len(keys)
+        # not a table of its study, and not one its figure kind draws
+        mine = " | ".join(p for p in err.value.problems if p.startswith(f"{key}: "))
+        assert f"{key}: {wrong!r} is not a table" in mine, key
+        assert "figure draws" in mine, key
+    assert len(err.value.problems) == 2 * len(keys)
 
 
 def _has_modelsym(path: Path) -> bool:
@@ -235,4 +238,24 @@ def test_a_kind_the_schema_allows_but_nobody_registers_is_a_config_error(monkeyp
     monkeypatch.setattr(cfg, "load_schema", lambda: schema)
     config = {"studies": {"norms": {"kind": "weight_norms"}}}
     with pytest.raises(ConfigError, match=r"studies\.norms\.kind: no study kind 'weight_norms'"):
+        validate(config)
+
+
+def test_every_figure_kind_says_which_tables_it_draws():
+    """``@register_figure(kind, tables=(...))``: the tables a kind draws (``()``: it reads a
+    metric), so a figure pointed at another kind's table fails before any job."""
+    from pipeline.plots import register_figure
+
+    entries = register_figure.entries()
+    assert entries
+    undeclared = sorted(k for k, e in entries.items() if "tables" not in e.meta)
+    assert not undeclared, f"declare tables=(...) on {undeclared}"
+
+
+def test_a_figure_drawing_a_table_its_kind_does_not_draw_is_refused_by_key():
+    config = load(ROOT / "config" / "config.yaml")
+    figure = config["studies"]["modules_addmul"]["figures"]["modules_addmul_iou"]
+    assert figure["kind"] == "mask_iou"
+    figure["table"] = "sharing"  # a table the study builds, drawn by mask_sharing figures
+    with pytest.raises(ConfigError, match=r"modules_addmul_iou\.table: a mask_iou figure draws"):
         validate(config)

@@ -273,7 +273,8 @@ def selection_note(study: dict) -> str:
 
 
 def figure_problems(where: str, study: dict) -> list[str]:
-    """Figure kinds must be registered; a figure reads a metric or a table, not both."""
+    """Figure kinds must be registered; a figure reads a metric or a table, not both, and a
+    figure kind registered with ``tables=(...)`` draws only those tables."""
     from pipeline.metric_registry import register_metric
     from pipeline.plots import register_figure
 
@@ -293,6 +294,17 @@ def figure_problems(where: str, study: dict) -> list[str]:
             out.append(
                 f"{where}.figures.{fig}.metric: unknown metric {metric!r}; allowed: "
                 + ", ".join(metrics)
+            )
+        drawn = register_figure.entry(spec["kind"]).meta["tables"] if spec["kind"] in kinds else ()
+        if drawn and spec.get("table") not in drawn:
+            given = f", not {spec['table']!r}" if "table" in spec else "; give table: one of them"
+            out.append(
+                f"{where}.figures.{fig}.table: a {spec['kind']} figure draws "
+                f"{' or '.join(drawn)}{given}"
+            )
+        elif not drawn and "table" in spec and spec["kind"] in kinds:
+            out.append(
+                f"{where}.figures.{fig}.table: a {spec['kind']} figure reads a metric, not a table"
             )
     return out
 

@@ -41,7 +41,7 @@ def _by_point(table: pd.DataFrame):
     return list(table.groupby(labels, sort=False))
 
 
-@register_figure("mask_sharing")
+@register_figure("mask_sharing", tables=("sharing",))
 def mask_sharing(tables: dict, spec: dict, pdf, png) -> None:
     """Per layer (and in total) the fraction of each mask's weights also kept by another mask
     (mean and std over seeds), one panel per hyperparameter point."""
@@ -54,7 +54,7 @@ def mask_sharing(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("mask_iou")
+@register_figure("mask_iou", tables=("overlap",))
 def mask_iou(tables: dict, spec: dict, pdf, png) -> None:
     """Per layer (and in total) the IoU of each mask pair (``spec.value: iomin`` for the
     intersection over the smaller mask), one panel per hyperparameter point."""
@@ -68,7 +68,7 @@ def mask_iou(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("sharing_vs_size")
+@register_figure("sharing_vs_size", tables=("sharing",))
 def sharing_vs_size(tables: dict, spec: dict, pdf, png) -> None:
     """Total sharing of each mask against the number of maskable weights (runs of a size sweep;
     mean and std over seeds)."""
@@ -94,7 +94,7 @@ def sharing_vs_size(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("confusion_difference")
+@register_figure("confusion_difference", tables=("confusion",))
 def confusion_difference(tables: dict, spec: dict, pdf, png) -> None:
     """For each removed class, the change of the row-normalised confusion matrix (masked minus
     reference; rows: true class), titled with the target drop and the largest other drop."""

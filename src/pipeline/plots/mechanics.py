@@ -28,7 +28,7 @@ def _first_seed(table: pd.DataFrame) -> pd.DataFrame:
     return table[table.seed == first]
 
 
-@register_figure("conservation")
+@register_figure("conservation", tables=())
 def conservation(tables: dict, spec: dict, pdf, png) -> None:
     """One column per hyperparameter point. Top: per layer (summed over neurons; translation:
     the first ``max_neurons`` columns) the empirical quantity (solid), the paper's continuous
@@ -114,7 +114,7 @@ def conservation(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("performance")
+@register_figure("performance", tables=())
 def performance(tables: dict, spec: dict, pdf, png) -> None:
     """Per hyperparameter point: train loss (per step, smoothed), val/test loss and accuracy."""
     table = _first_seed(tables["table"])

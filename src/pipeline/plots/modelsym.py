@@ -47,7 +47,7 @@ def _mean_std(frame: pd.DataFrame, keys, value) -> pd.DataFrame:
     return out
 
 
-@register_figure("stitching_penalty")
+@register_figure("stitching_penalty", tables=("stitching",))
 def stitching_penalty(tables: dict, spec: dict, pdf, png) -> None:
     """Stitching penalty (percentage points) vs layer, mean +- std over pairs, per type;
     ``spec.types``: which stitching labels to draw, in order (default: all)."""
@@ -74,7 +74,7 @@ def stitching_penalty(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("similarity_matrix")
+@register_figure("similarity_matrix", tables=("alignment",))
 def similarity_matrix(tables: dict, spec: dict, pdf, png) -> None:
     """Per metric, mean similarity over pairs for every (layer of a, layer of b)."""
     table = tables["table"]
@@ -110,7 +110,7 @@ def similarity_matrix(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("procrustes_layers")
+@register_figure("procrustes_layers", tables=("alignment",))
 def procrustes_layers(tables: dict, spec: dict, pdf, png) -> None:
     """Procrustes similarity 1 - d per layer (diagonal pairs), G_ReLU vs orthogonal."""
     table = tables["table"]
@@ -130,7 +130,7 @@ def procrustes_layers(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("rotation_penalty")
+@register_figure("rotation_penalty", tables=("rotation",))
 def rotation_penalty(tables: dict, spec: dict, pdf, png) -> None:
     """Rotation penalty (points) per layer for each inserted group, mean +- std over repeats."""
     table = tables["table"]
@@ -159,7 +159,7 @@ def rotation_penalty(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("lasso_sparsity")
+@register_figure("lasso_sparsity", tables=("stitching",))
 def lasso_sparsity(tables: dict, spec: dict, pdf, png) -> None:
     """Sparsity vs penalty of the LASSO stitching layers (one point per lambda and layer), and
     the G_ReLU (``birkhoff``/``permutation``) and full (``linear``) layers for reference."""
@@ -201,7 +201,7 @@ def lasso_sparsity(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("weight_matching_barrier")
+@register_figure("weight_matching_barrier", tables=("alignment",))
 def weight_matching_barrier(tables: dict, spec: dict, pdf, png) -> None:
     """Loss along the linear path between members, before (dashed) and after (solid) weight
     matching, mean over pairs, per split; the title gives the mean barriers. Reads the

@@ -22,7 +22,7 @@ def _require(table: pd.DataFrame, columns: tuple[str, ...], kind: str) -> None:
         raise KeyError(f"figure {kind}: the table lacks columns {missing}")
 
 
-@register_figure("recovery_distances")
+@register_figure("recovery_distances", tables=("neurons",))
 def recovery_distances(tables: dict, spec: dict, pdf, png) -> None:
     """Per layer, histograms of log10 d_w (incoming, 1 - |cos|) and log10 d_a (outgoing) of
     every teacher neuron to its nearest recovered neuron, and of the excess neurons to their
@@ -57,7 +57,7 @@ def recovery_distances(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("recovery_widths")
+@register_figure("recovery_widths", tables=("recovery",))
 def recovery_widths(tables: dict, spec: dict, pdf, png) -> None:
     """Inferred against true width, one point per (problem, layer), green where the whole
     teacher was recovered, red where not; the diagonal is exact width recovery. Recovery
@@ -95,7 +95,7 @@ def _count(table: pd.DataFrame) -> int:
     return int(pd.Series(_problem_key(table)).nunique())
 
 
-@register_figure("recovery_losses")
+@register_figure("recovery_losses", tables=("students_history", "finetune_history"))
 def recovery_losses(tables: dict, spec: dict, pdf, png) -> None:
     """Training loss (solid) and held-out probe loss (dashed) of every student against epochs,
     log scale; one panel per ``stage`` (students, finetuning, final) when the table has one.
@@ -117,7 +117,7 @@ def recovery_losses(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("recovery_family")
+@register_figure("recovery_family", tables=("recovery",))
 def recovery_family(tables: dict, spec: dict, pdf, png) -> None:
     """A family of toy problems: per problem the largest teacher-neuron distance ``max d_w``
     (log scale; green recovered, red not) and the width error; the title gives the recovery
@@ -154,7 +154,7 @@ def recovery_family(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("lottery")
+@register_figure("lottery", tables=("lottery",))
 def lottery(tables: dict, spec: dict, pdf, png) -> None:
     """Lottery tickets: ``spec.metrics`` (default test accuracy and test loss) against the
     fraction of weights remaining (log scale, dense on the left), one line per strategy (mean

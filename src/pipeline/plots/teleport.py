@@ -47,7 +47,7 @@ def _color(method: str, methods: list[str]) -> str:
     return COLORS.get(method, f"C{4 + methods.index(method)}")
 
 
-@register_figure("teleport_validation")
+@register_figure("teleport_validation", tables=("validation",))
 def teleport_validation(tables: dict, spec: dict, pdf, png) -> None:
     """Spec: ``box_epochs`` (default: 30%, 60% and 95% of the last epoch), ``metric``
     (accuracy or loss), ``caption``."""
@@ -125,7 +125,7 @@ def teleport_validation(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("micro_teleport")
+@register_figure("micro_teleport", tables=("micro",))
 def micro_teleport(tables: dict, spec: dict, pdf, png) -> None:
     """Spec: ``half_width`` of the angle window around 90 degrees (default 0.25), ``bins``."""
     table = tables["table"]
@@ -161,7 +161,7 @@ def micro_teleport(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("teleport_interpolation")
+@register_figure("teleport_interpolation", tables=("interpolation",))
 def teleport_interpolation(tables: dict, spec: dict, pdf, png) -> None:
     """Loss (left) and accuracy (right) against alpha; solid: A to B, dashed: teleported."""
     table = tables["table"]
@@ -187,7 +187,7 @@ def teleport_interpolation(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("teleport_statistics")
+@register_figure("teleport_statistics", tables=("statistics",))
 def teleport_statistics(tables: dict, spec: dict, pdf, png) -> None:
     """Mean +- std of | |grad|/|theta| - |grad'|/|theta'| | against the CoB range (spec ``log``:
     logarithmic y axis)."""
@@ -216,7 +216,7 @@ def teleport_statistics(tables: dict, spec: dict, pdf, png) -> None:
     save(fig, pdf, png)
 
 
-@register_figure("weight_histograms")
+@register_figure("weight_histograms", tables=("histograms",))
 def weight_histograms(tables: dict, spec: dict, pdf, png) -> None:
     """Spec: ``layers`` (default ["all"]), ``xlim`` (default [-0.25, 0.25]), ``insets`` (up to
     two [lo, hi] windows drawn zoomed in; default the paper's tails [-0.13, -0.12] and
