@@ -1,14 +1,14 @@
-"""The reconstruction's last fit ends at the teacher itself, on drawn two-input teachers.
+"""The reconstruction ends at the teacher itself, on drawn two-input teachers.
 
 Two inputs are where the toy family failed with every width right: a neuron 5e-3 to 3e-2 off
 in 1 - |cos|. The teacher is a zero of the residuals; from the collapsed network (each neuron
-its winner's copy, 1e-2 off) L-BFGS stops early (the loss floor) or stalls in the flat valleys
-that nearly linear neurons make, Levenberg-Marquardt (``cluster.polish``) converges there
-quadratically; and the redundancy test, comparing stalled losses, dropped needed neurons (a
-softplus teacher one neuron short fits to 1e-7 of the targets' variance). Students are made,
-not trained: each holds the teacher's neurons with its own
-relative 1e-2 perturbation of every incoming vector (what an imprecise student holds), so the
-test costs seconds and isolates the fit that follows the clustering."""
+its winner's copy, some 1e-3 off) L-BFGS stops early (the loss floor) or stalls in the flat
+valleys that nearly linear neurons make, where Levenberg-Marquardt (``cluster.polish``)
+converges quadratically; and the redundancy test, comparing stalled losses, dropped needed
+neurons (a softplus network one neuron short of its teacher fits to 1e-9..1e-7 of mean(y^2)).
+Students are made, not trained: each holds the teacher's neurons with its own perturbation of
+every incoming weight (``SPREAD``, what an imprecise student holds), so the test costs seconds
+and isolates what follows the clustering."""
 
 from __future__ import annotations
 

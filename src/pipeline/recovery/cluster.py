@@ -261,8 +261,8 @@ FINAL_FIT = FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=200, log_every=50)
 # Levenberg-Marquardt (at most 200 residual evaluations) from where an L-BFGS fit of the
 # reconstruction ended: the redundancy test's network and trials, and the result
 # (pipeline.recovery.collapse). The teacher is a zero of the residuals, where Gauss-Newton
-# converges quadratically however ill-conditioned the problem; L-BFGS stalls at 1e-8 of the
-# targets' variance with neurons 1e-3..3e-2 off (1 - |cos|) where nearly linear neurons
+# converges quadratically however ill-conditioned the problem; L-BFGS stalls near 1e-7 of
+# mean(y^2) with neurons 5e-3..3e-2 off (1 - |cos|) where nearly linear neurons
 # (|z| << 1 on the data: tanh ~ z - z^3 / 3) leave only a weak curvature to tell them apart
 # (two-input teachers), and a stalled loss lets the redundancy test drop a needed neuron
 LM_POLISH = FitHparams(optimizer="lm", max_epochs=200, log_every=1)

@@ -53,12 +53,13 @@ With ``polish`` (Levenberg-Marquardt, :func:`pipeline.recovery.students.fit`), t
 redundancy test compares are converged ones: the network before any removal and every trial
 are refitted by it from where L-BFGS stopped, and so is the result, whose twins are then
 folded once more. The teacher is a zero of the residuals, where Gauss-Newton converges
-quadratically, while L-BFGS stalls in the flat valleys of nearly linear neurons (measured: at
-1e-8 of the targets' variance with neurons 1e-3..3e-2 off in 1 - |cos|, two-input teachers). A
-stalled loss hides what a removal costs: a softplus teacher one neuron short fits to 1e-7 of
-the variance, within ``redundant_factor`` of a stalled loss and 24 orders above a converged
-one. The weak-neuron rounds stay with L-BFGS: with every fit at round-off, their loss ratio
-would demand round-off of a network that still holds excess neurons, which converges slowly.
+quadratically, while L-BFGS stalls in the flat valleys of nearly linear neurons (measured: near
+1e-7 of mean(y^2) with neurons 5e-3..3e-2 off in 1 - |cos|, two-input teachers). A stalled
+loss hides what a removal costs: a softplus network one neuron short of its teacher fits to
+1e-9..1e-7 of mean(y^2), within ``redundant_factor`` of a stalled loss and 20 orders above a
+converged one. The weak-neuron rounds stay with L-BFGS: with every fit at round-off, their
+loss ratio would demand round-off of a network that still holds excess neurons, which
+converges slowly.
 """
 
 from __future__ import annotations
