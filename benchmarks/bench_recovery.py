@@ -7,7 +7,9 @@
    rho = 4), into ``OUT/family_rules.parquet``, and the figures ``OUT/family.{pdf,png}``,
    ``OUT/family_widths.{pdf,png}`` for the pipeline rule; ``ablation``: by the pipeline rule
    with each of its additions switched off, on the first ``--ablation-problems``, into
-   ``OUT/family_ablation.parquet``: with the first two, the ablation table.
+   ``OUT/family_ablation.parquet``: with the first two, the ablation table;
+   ``family-polished``: the same problems with the students polished by L-BFGS
+   (``students.DEEP_POLISH``, from the cached Adam students) into ``OUT/family_polished.parquet``.
 2. ``deep``: teachers with two and three hidden layers (tanh and sigmoid at gain 2, relu),
    every neuron nonlinear on the inputs (``--deep-nonlinearity``, default 0.25; 0: the family
    of before), students polished by L-BFGS (``students.DEEP_POLISH``; ``--no-deep-polish``),
@@ -44,7 +46,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import io, seeding
+from pipeline import devices, io, seeding
 from pipeline.models.activations import make as make_activation
 from pipeline.plots.recovery import recovery_family, recovery_widths
 from pipeline.recovery.chain import Chain, init_stack
@@ -130,9 +132,26 @@ def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
     if path is not None and path.exists():
         raw = torch.load(path, weights_only=False)
         return raw["chain"], raw["students"], raw["seconds"]
-    t0 = time.process_time()
-    s_chain, students = train_students(chain, data, expand)
-    seconds = time.process_time() - t0
+    adam = cache / f"{name}-{expand.dtype}.pt" if cache else None
+    if polished and adam is not None and adam.exists():
+        # what train_students does after the Adam fit: the polish from its end (deterministic)
+        raw = torch.load(adam, weights_only=False)
+        t0 = time.process_time()
+        s_chain, students = raw["chain"], raw["students"]
+        dtype = devices.dtype(expand.dtype, "expand.dtype")
+        students = fit(
+            s_chain,
+            students.params,
+            data.to(data.x.device, dtype),
+            expand.polish,
+            expand.seed,
+            tag="students-polish",
+        )
+        seconds = raw["seconds"] + time.process_time() - t0
+    else:
+        t0 = time.process_time()
+        s_chain, students = train_students(chain, data, expand)
+        seconds = time.process_time() - t0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"chain": s_chain, "students": students, "seconds": seconds}, path)
@@ -202,14 +221,18 @@ def solved_problems(path: Path) -> set:
     return set(io.read_parquet(path).problem) if path.exists() else set()
 
 
-def family(count: int, out: Path, chosen: list[str], table: str = "family_rules") -> None:
+def family(
+    count: int, out: Path, chosen: list[str], table: str = "family_rules", polish: bool = False
+) -> None:
+    """``polish``: the students polished by L-BFGS (``DEEP_POLISH``, as the deep family's)."""
     path = out / f"{table}.parquet"
     done = solved_problems(path)
     variants = {k: v for k, v in rules().items() if k in chosen}
+    expand = replace(expand_settings(), polish=DEEP_POLISH) if polish else expand_settings()
     for name, spec in toy_problems(count).items():
         if name in done:
             continue
-        table = solve(name, spec, 1000, expand_settings(), variants, out / "students")
+        table = solve(name, spec, 1000, expand, variants, out / "students")
         _append(path, table)
         mine = table[table.rule == "pipeline"].iloc[0] if "pipeline" in variants else table.iloc[0]
         print(
@@ -334,6 +357,25 @@ def summary(out: Path) -> None:
                     f"  pipeline failure {r.problem}: width {r.teacher_width} -> "
                     f"{r.inferred_width}, max d_w {r.max_d_w:.1e} {r.error}"
                 )
+    path = out / "family_polished.parquet"
+    if path.exists():
+        table = io.read_parquet(path)
+        per = table.groupby(["rule", "problem"], sort=False).recovered.all().reset_index()
+        print(f"\ntoy family, students polished by L-BFGS ({per.problem.nunique()} problems):")
+        for rule, rows in per.groupby("rule", sort=False):
+            acts = rows.merge(table[["problem", "activation"]].drop_duplicates("problem"))
+            by_act = acts.groupby("activation").recovered.agg(["sum", "count"])
+            print(
+                f"  {rule:10s} {int(rows.recovered.sum())}/{len(rows)} "
+                f"({rows.recovered.mean():.0%}): "
+                + ", ".join(f"{a} {int(r['sum'])}/{int(r['count'])}" for a, r in by_act.iterrows())
+            )
+        mine = table[(table.rule == "pipeline") & ~table.recovered]
+        for r in mine.itertuples():
+            print(
+                f"  pipeline failure {r.problem}: width {r.teacher_width} -> "
+                f"{r.inferred_width}, max d_w {r.max_d_w:.1e} {r.error}"
+            )
     path = out / "deep.parquet"
     if path.exists():
         table = io.read_parquet(path)
@@ -490,6 +532,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["family", "ablation", "deep", "dtype", "students", "speed"],
+        help="also: family-polished (the toy family with students polished by L-BFGS)",
     )
     parser.add_argument("--problems", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=8)
@@ -516,6 +559,10 @@ def main() -> None:
         if "family" in args.parts:
             print(f"toy family ({args.problems} problems, 1 thread):")
             family(args.problems, args.out, args.rules or ["published", "pipeline"])
+        if "family-polished" in args.parts:
+            print(f"toy family, students polished by L-BFGS ({args.problems} problems, 1 thread):")
+            chosen = args.rules or ["published", "pipeline"]
+            family(args.problems, args.out, chosen, "family_polished", polish=True)
         if "ablation" in args.parts:
             print(f"ablation ({args.ablation_problems} problems of the family, 1 thread):")
             minus = [k for k in rules() if k.startswith("pipeline - ")]

@@ -208,7 +208,10 @@ def test_the_schema_documents_the_defaults():
     assert set(keys) == set(ClusterHparams.__dataclass_fields__)
     default = ClusterHparams()
     for key, spec in keys.items():
-        if key in ("finetune", "final"):
+        if key == "polish":
+            fit = spec["default"]
+            assert getattr(default, key) == replace(type(DEEP_FINETUNE)(), **fit), key
+        elif key in ("finetune", "final"):
             fit = spec["default"]
             assert getattr(default, key) == replace(type(DEEP_FINETUNE)(), **fit), key
         else:

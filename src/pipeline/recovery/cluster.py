@@ -109,6 +109,7 @@ PUBLISHED = {
     "redundant_trials": 0,
     "layer_correction": False,  # 2.4 steps 8-9: no correction between layers, one at the end
     "freeze": False,  # 2.4 step 8: all the students' weights are finetuned between layers
+    "polish": None,  # 2.4 step 10: the final fit (Adam) ends the reconstruction
 }
 # 2.4 step 8: finetune between layers, and steps 9-10: the final fit (the affine correction's
 # weights at 10x the rate), Adam with the students' plateau schedule at lr 1e-4, 5000 epochs
@@ -175,6 +176,12 @@ ADDITIONS = {
         {"freeze": False},
         "the students keep the recovered layers fixed, so the next layer's vectors share one basis",
     ),
+    "lm_polish": (
+        {"polish": None},
+        "at the teacher the residual is zero: Gauss-Newton (Levenberg-Marquardt) converges there "
+        "where L-BFGS stalls along nearly linear neurons; the redundancy test compares converged "
+        "losses",
+    ),
     "lbfgs_fits": (
         {"finetune": PUBLISHED_FIT, "final": replace(PUBLISHED_FIT, skip_lr_factor=10.0)},
         "full-batch L-BFGS polishes the small reconstruction to round-off, where Adam stalls",
@@ -210,6 +217,7 @@ class ClusterHparams:
     mask_inputs: bool = True
     finetune: FitHparams = field(default_factory=lambda: DEEP_FINETUNE)
     final: FitHparams = field(default_factory=lambda: FINAL_FIT)
+    polish: FitHparams | None = field(default_factory=lambda: LM_POLISH)
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "cluster") -> ClusterHparams:
@@ -217,8 +225,8 @@ class ClusterHparams:
         checked_block(cls, raw, where)
         fits = {
             k: from_block(FitHparams, raw.pop(k), f"{where}.{k}")
-            for k in ("finetune", "final")
-            if k in raw
+            for k in ("finetune", "final", "polish")
+            if raw.get(k) is not None
         }
         return replace(preset(raw.pop("rule", "pipeline"), where), **raw, **fits).checked(where)
 
@@ -251,6 +259,14 @@ DEEP_FINETUNE = FitHparams(
     log_every=500,
 )
 FINAL_FIT = FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=200, log_every=50)
+# Levenberg-Marquardt (at most 200 residual evaluations) from where an L-BFGS fit of the
+# reconstruction ended: the redundancy test's network and trials, and the result
+# (pipeline.recovery.collapse). The teacher is a zero of the residuals, where Gauss-Newton
+# converges quadratically however ill-conditioned the problem; L-BFGS stalls near 1e-7 of
+# mean(y^2) with neurons 5e-3..3e-2 off (1 - |cos|) where nearly linear neurons
+# (|z| << 1 on the data: tanh ~ z - z^3 / 3) leave only a weak curvature to tell them apart
+# (two-input teachers), and a stalled loss lets the redundancy test drop a needed neuron
+LM_POLISH = FitHparams(optimizer="lm", max_epochs=200, log_every=1)
 
 
 def preset(rule: str, where: str = "cluster") -> ClusterHparams:

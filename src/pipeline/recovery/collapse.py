@@ -48,6 +48,18 @@ still needed), then, one by one and weakest first, those
 whose removal the refit does not notice (within ``redundant_factor`` of the loss before any
 removal, and only if the network fits the data about as well as the best student;
 ``dropped_redundant``): the teacher is the smallest network with its function.
+
+With ``polish`` (Levenberg-Marquardt, :func:`pipeline.recovery.students.fit`), the losses the
+redundancy test compares are converged ones: the network before any removal and every trial
+are refitted by it from where L-BFGS stopped, and so is the result, whose twins are then
+folded once more. The teacher is a zero of the residuals, where Gauss-Newton converges
+quadratically, while L-BFGS stalls in the flat valleys of nearly linear neurons (measured: near
+1e-7 of mean(y^2) with neurons 5e-3..3e-2 off in 1 - |cos|, two-input teachers). A stalled
+loss hides what a removal costs: a softplus network one neuron short of its teacher fits to
+1e-9..1e-7 of mean(y^2), within ``redundant_factor`` of a stalled loss and 20 orders above a
+converged one. The weak-neuron rounds stay with L-BFGS: with every fit at round-off, their
+loss ratio would demand round-off of a network that still holds excess neurons, which
+converges slowly.
 """
 
 from __future__ import annotations
@@ -312,14 +324,7 @@ def reconstruct(
     collapsed, before = net_chain, {k: v.clone() for k, v in net.items()}
     final = fit(net_chain, net, data, h.final, seed, tag="final")
     table = pd.concat(tables, ignore_index=True)
-    twins = (
-        merge_twins(net_chain, final.params, symmetry, chord(h.merge_angle)) if h.twins else None
-    )
-    if twins is not None:
-        refit = fit(twins[0], twins[1], data, h.final, seed, tag="final-merged")
-        if float(refit.train_loss[0]) <= h.redundant_factor * float(final.train_loss[0]):
-            _mark_weak(table, net_chain, twins[2], "merged")
-            net_chain, final = twins[0], refit
+    net_chain, final = _fold_twins(net_chain, final, data, h, symmetry, seed, table)
     for _ in range(h.prune_rounds if h.min_contribution > 0 or linear_below else 0):
         weak = weak_neurons(
             net_chain, final.params, data.x[:8192], h.min_contribution, linear_below
@@ -334,6 +339,10 @@ def reconstruct(
         net_chain, final = smaller, refit
     reference = float(torch.nan_to_num(students.train_loss, nan=math.inf).min())
     net_chain, final = prune_redundant(net_chain, final, data, h, seed, table, reference)
+    if h.polish is not None:
+        final = _polished(net_chain, final, data, h.polish, seed)
+        # converged, a neuron may show as two copies the pruning kept (each too strong to try)
+        net_chain, final = _fold_twins(net_chain, final, data, h, symmetry, seed, table, True)
     return Reconstruction(
         net_chain, final.params, net_chain.widths, table, collapsed, before, final, fits
     )
@@ -589,6 +598,8 @@ def prune_redundant(
     Only a reconstruction that fits the data about as well as the best student (within
     ``redundant_factor`` of ``reference``) is pruned: for a poor one the test means nothing."""
     x = data.x[:8192]
+    if h.polish is not None:  # compare converged losses (see the module docstring)
+        final = _polished(chain, final, data, h.polish, seed)
     loss = float(final.train_loss[0])
     limit = _removal_limit(final, data, h)
     trials = h.redundant_trials if loss <= h.redundant_factor * reference else 0
@@ -610,6 +621,8 @@ def prune_redundant(
             drop[layer][k] = True
             smaller, params = drop_neurons(chain, final.params, drop, x)
             refit = fit(smaller, params, data, trial_fit, seed, tag="final-redundant")
+            if h.polish is not None:
+                refit = _polished(smaller, refit, data, h.polish, seed)
             if float(refit.train_loss[0]) <= limit:
                 _mark_weak(table, chain, drop, "dropped_redundant")
                 chain, final = smaller, refit
@@ -617,6 +630,31 @@ def prune_redundant(
         else:
             break
     return chain, final
+
+
+def _fold_twins(chain, final, data, h: ClusterHparams, symmetry, seed, table, polish=False):
+    """Twin neurons folded (:func:`merge_twins`) and the network refitted (``polish``: by
+    ``h.polish`` after ``h.final``); kept if the refit stays within ``redundant_factor`` of
+    the loss before (or of round-off)."""
+    twins = merge_twins(chain, final.params, symmetry, chord(h.merge_angle)) if h.twins else None
+    if twins is None:
+        return chain, final
+    refit = fit(twins[0], twins[1], data, h.final, seed, tag="final-merged")
+    if polish:
+        refit = _polished(twins[0], refit, data, h.polish, seed)
+        limit = _removal_limit(final, data, h)
+    else:
+        limit = h.redundant_factor * float(final.train_loss[0])
+    if float(refit.train_loss[0]) > limit:
+        return chain, final
+    _mark_weak(table, chain, twins[2], "merged")
+    return twins[0], refit
+
+
+def _polished(chain: Chain, result: FitResult, data: ProbeData, h, seed: int) -> FitResult:
+    """``result`` refitted by the polish ``h`` (Levenberg-Marquardt), if that lowers the loss."""
+    polished = fit(chain, result.params, data, h, seed, tag="final-polish")
+    return polished if float(polished.train_loss[0]) <= float(result.train_loss[0]) else result
 
 
 def _removal_limit(final: FitResult, data: ProbeData, h: ClusterHparams) -> float:
