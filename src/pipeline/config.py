@@ -295,14 +295,16 @@ def figure_problems(where: str, study: dict) -> list[str]:
                 f"{where}.figures.{fig}.metric: unknown metric {metric!r}; allowed: "
                 + ", ".join(metrics)
             )
-        drawn = register_figure.entry(spec["kind"]).meta["tables"] if spec["kind"] in kinds else ()
+        if spec["kind"] not in kinds:
+            continue
+        drawn = register_figure.entry(spec["kind"]).meta["tables"]  # (): it reads a metric
         if drawn and spec.get("table") not in drawn:
             given = f", not {spec['table']!r}" if "table" in spec else "; give table: one of them"
             out.append(
                 f"{where}.figures.{fig}.table: a {spec['kind']} figure draws "
                 f"{' or '.join(drawn)}{given}"
             )
-        elif not drawn and "table" in spec and spec["kind"] in kinds:
+        elif not drawn and "table" in spec:
             out.append(
                 f"{where}.figures.{fig}.table: a {spec['kind']} figure reads a metric, not a table"
             )

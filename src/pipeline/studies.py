@@ -66,7 +66,16 @@ class StudyKind:
         self.spec = spec
 
     def runs(self) -> list[Run]:
-        """The ordinary training runs (one ``train`` job each, or ``runs_per_job`` per job)."""
+        """The ordinary training runs (one ``train`` job each, or ``runs_per_job`` per job),
+        planned once per study (:meth:`plan_runs`)."""
+        return self._planned_runs
+
+    @cached_property
+    def _planned_runs(self) -> list[Run]:
+        return self.plan_runs()
+
+    def plan_runs(self) -> list[Run]:
+        """The runs the block asks for (a kind that trains overrides it; default: none)."""
         return []
 
     def rules(self) -> set[str]:
@@ -172,12 +181,8 @@ class TrainStudy(StudyKind):
     def parts(self) -> list[StudyPart]:
         return [part(self) for part in _parts() if part.present(self.spec)]
 
-    @cached_property
-    def _runs(self) -> list[Run]:
+    def plan_runs(self) -> list[Run]:
         return expand_runs(self.name, self.spec)
-
-    def runs(self) -> list[Run]:
-        return self._runs
 
     @property
     def traced(self) -> bool:

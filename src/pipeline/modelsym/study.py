@@ -120,7 +120,7 @@ class ModelsymStudy(StudyKind):
     #: the parts written as one table each (``tables/<part>.parquet``)
     PARTS = ("alignment", "stitching", "rotation")
 
-    def runs(self) -> list[Run]:
+    def plan_runs(self) -> list[Run]:
         return zoo_runs(self.name, self.spec)
 
     def rules(self) -> set[str]:
