@@ -181,6 +181,30 @@ def test_a_misspelt_similarity_or_stitching_layer_is_refused_by_key(config):
     assert len(err.value.problems) == len(keys)
 
 
+@pytest.mark.parametrize(
+    "config", [p.relative_to(ROOT).as_posix() for p in CONFIGS if _has_modelsym(p)]
+)
+def test_a_part_naming_a_zoo_the_study_lacks_is_refused_by_key(config):
+    """Alignment, stitching and the rotation control each run on the zoos they name: a name
+    that is not one of the study's zoos stops the plan naming the part's key (it was a KeyError
+    inside an input function)."""
+    cfg = load(ROOT / config)
+    keys = []
+    for study, spec in cfg["studies"].items():
+        if spec["kind"] != "modelsym":
+            continue
+        for part in ("alignment", "stitching", "rotation"):
+            if part in spec:
+                zoos = spec[part].get("zoos") or list(spec["zoos"])
+                spec[part]["zoos"] = [*zoos[1:], zoos[0] + "x"]
+                keys.append(f"studies.{study}.{part}.zoos: unknown zoo '{zoos[0]}x'")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for key in keys:
+        assert key in str(err.value), key
+    assert len(err.value.problems) == len(keys)
+
+
 RECOVERY_MISUSE = {
     # mutation of the default's recovery study -> the key the error must name
     "teacher key": (

@@ -157,6 +157,13 @@ class ModelsymStudy(StudyKind):
             out += _registry_problems(
                 f"{at}.type", at, register_stitching_layer, typ["type"], options
             )
+        for part in self.PARTS:
+            unknown = [z for z in spec.get(part, {}).get("zoos") or [] if z not in spec["zoos"]]
+            if unknown:
+                out.append(
+                    f"{where}.{part}.zoos: unknown zoo {', '.join(map(repr, unknown))}; the "
+                    f"study's zoos: {', '.join(spec['zoos'])}"
+                )
         if not spec.get("dataset", {}).get("val_fraction", 0.1) > 0:
             out.append(
                 f"{where}.dataset.val_fraction: zoo members are selected on the validation "
