@@ -33,6 +33,9 @@ for study, zoo, chunk, seeds in ZOO_CHUNKS:
             device=DEVICE,
             data_dir=config.get("data_dir", "data"),
         threads: PLAN.study(study).get("resources", {}).get("threads", max(THREADS, 2))
+        # every modelsym job waits on the zoos, and the rotation control is one long job: start
+        # them before the short jobs of other studies so the rest overlaps them
+        priority: 1
         resources:
             mem_mb=PLAN.study(study).get("resources", {}).get("mem_mb", 4000),
             runtime=PLAN.study(study).get("resources", {}).get("runtime", 120),
@@ -176,6 +179,7 @@ rule rotation:
         device=DEVICE,
         data_dir=config.get("data_dir", "data"),
     threads: train_threads
+    priority: 1
     resources:
         mem_mb=4000,
         runtime=120,
