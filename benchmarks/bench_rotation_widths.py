@@ -37,7 +37,7 @@ second hidden layer):
     8-8-8        30  fc1   3.7/12.2  fc2    2.6/7.0  fc3 3.1/9.1     23/24  -0.7
     8-8-8        50  fc1   1.0/10.2  fc2    0.6/4.7  fc3 1.2/5.9     24/24  +0.5
 
-The default runs 8-8 at 50 epochs (``mlp8`` zoo, seeds 0-3): CPU seconds per row ~80 (30
+The default runs 8-8 at 50 epochs (``mlp8`` zoo, seeds 0 and 1): CPU seconds per row ~80 (30
 epochs) and ~120 (50), 8 members.
 """
 
