@@ -140,6 +140,15 @@ def test_a_figure_naming_a_table_its_study_lacks_is_refused_by_key(config):
     assert len(err.value.problems) == 2 * len(keys)
 
 
+def _refused_naming(cfg: dict, keys: list[str]) -> None:
+    """``validate(cfg)`` raises one problem per key, each naming it."""
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    for key in keys:
+        assert key in str(err.value), key
+    assert len(err.value.problems) == len(keys)
+
+
 def _has_modelsym(path: Path) -> bool:
     return any(s["kind"] == "modelsym" for s in load(path).get("studies", {}).values())
 
@@ -150,8 +159,6 @@ def _has_modelsym(path: Path) -> bool:
 def test_a_misspelt_similarity_or_stitching_layer_is_refused_by_key(config):
     """Alignment measures and stitching types are registry names with their functions'
     keywords as options: a misspelt name or option stops the plan naming its key."""
-    from pipeline.config import ConfigError
-    from pipeline.studies import validate
 
     cfg = load(ROOT / config)
     keys = []
@@ -174,11 +181,7 @@ def test_a_misspelt_similarity_or_stitching_layer_is_refused_by_key(config):
             else:
                 typ.setdefault("grid", {})["nosuch"] = [1]
                 keys.append(f"{where}.stitching.types.{label}.grid.nosuch: unknown option")
-    with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    for key in keys:
-        assert key in str(err.value), key
-    assert len(err.value.problems) == len(keys)
+    _refused_naming(cfg, keys)
 
 
 @pytest.mark.parametrize(
@@ -198,11 +201,7 @@ def test_a_part_naming_a_zoo_the_study_lacks_is_refused_by_key(config):
                 zoos = spec[part].get("zoos") or list(spec["zoos"])
                 spec[part]["zoos"] = [*zoos[1:], zoos[0] + "x"]
                 keys.append(f"studies.{study}.{part}.zoos: unknown zoo '{zoos[0]}x'")
-    with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    for key in keys:
-        assert key in str(err.value), key
-    assert len(err.value.problems) == len(keys)
+    _refused_naming(cfg, keys)
 
 
 RECOVERY_MISUSE = {
