@@ -58,7 +58,7 @@ from pipeline.modelsym.study import rotation_table, zoo_hparams
 from pipeline.modelsym.zoo import member_path, train_zoo
 
 
-def zoo_study(widths: list[int]) -> dict:
+def zoo_study(widths: list[int], seeds: list[int]) -> dict:
     """A modelsym study block with one zoo: the default's MLP zoo at ``widths``."""
     return {
         "kind": "modelsym",
@@ -66,7 +66,7 @@ def zoo_study(widths: list[int]) -> dict:
         "zoos": {
             "mlp": {
                 "model": {"name": "mlp", "widths": widths},
-                "seeds": [0],
+                "seeds": seeds,
                 "vectorised": True,
                 "train": {"optimizer": "adam", "lr": 0.003, "batch_size": 32, "epochs": 15},
             }
@@ -78,7 +78,7 @@ def measure(widths: list[int], seeds: list[int], epochs: int, repeats: int, root
     """The rotation table of every member (trained once per widths under ``root``)."""
     out = root / "-".join(map(str, widths))
     if not (out / "summary.json").exists():
-        hparams = resolve_hparams(zoo_hparams(zoo_study(widths), "mlp"))
+        hparams = resolve_hparams(zoo_hparams(zoo_study(widths, seeds), "mlp"))
         train_zoo(out, hparams, seeds)
     members = [{"zoo": "mlp", "seed": s, "member": member_path(out, s)} for s in seeds]
     options = {"groups": ["grelu", "orthogonal"], "repeats": repeats, "epochs": epochs, "lr": 3e-3}

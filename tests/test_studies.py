@@ -119,9 +119,6 @@ def _reads_a_table(path: Path) -> bool:
 def test_a_figure_naming_a_table_its_study_lacks_is_refused_by_key(config):
     """A misspelt ``table:`` stops the plan naming each such figure's key (instead of a missing
     input from Snakemake), before any job."""
-    from pipeline.config import ConfigError
-    from pipeline.studies import validate
-
     cfg = load(ROOT / config)
     validate(cfg)
     keys = {}
