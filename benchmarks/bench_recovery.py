@@ -14,7 +14,8 @@
    every neuron nonlinear on the inputs (``--deep-nonlinearity``, default 0.25; 0: the family
    of before), students polished by L-BFGS (``students.DEEP_POLISH``; ``--no-deep-polish``),
    ``--seeds`` per shape (``--deep-only relu-``: those names only): the rate per layer and
-   overall, per rule (``--deep-rules``), into ``OUT/deep.parquet``.
+   overall, per rule (``--deep-rules``), into ``OUT/deep.parquet`` (``--deep-shard I K``: K
+   processes share the problems, each into ``OUT/deep-IofK.parquet``).
 3. ``dtype``: seconds (CPU) per problem with float32 against float64 students, and the
    recovery distances each gives, on the first ``--dtype-problems`` problems of the family.
 4. ``students``: N = 10 students trained by one vectorised fit against ten plain sequential
@@ -269,13 +270,20 @@ def deep_family(seeds: int) -> dict[str, tuple[str, dict]]:
     return dict(item for turn in zip(*groups, strict=True) for item in turn)
 
 
-def deep(seeds: int, out: Path, chosen: list[str], only: list[str] | None = None) -> None:
-    """``only``: the problems whose names start with one of these (e.g. ``relu-``)."""
-    path = out / "deep.parquet"
-    done = solved_problems(path)
+def deep(
+    seeds: int, out: Path, chosen: list[str], only: list[str] | None = None, shard=(0, 1)
+) -> None:
+    """``only``: the problems whose names start with one of these (e.g. ``relu-``); ``shard``
+    ``(i, k)``: every k-th problem from the i-th, into ``OUT/deep-<i>of<k>.parquet`` (k
+    processes share the family; the students cache is shared, one file per problem)."""
+    index, shards = shard
+    path = out / ("deep.parquet" if shards == 1 else f"deep-{index}of{shards}.parquet")
+    done = set().union(*(solved_problems(p) for p in out.glob("deep*.parquet")))
     variants = {k: v for k, v in rules().items() if k in chosen}
-    for name, (shape, spec) in deep_family(seeds).items():
+    for position, (name, (shape, spec)) in enumerate(deep_family(seeds).items()):
         if name in done or (only and not name.startswith(tuple(only))):
+            continue
+        if position % shards != index:
             continue
         table = solve(name, spec, 2000, deep_expand(), variants, out / "students")
         table = table.assign(shape=shape)
@@ -376,9 +384,9 @@ def summary(out: Path) -> None:
                 f"  pipeline failure {r.problem}: width {r.teacher_width} -> "
                 f"{r.inferred_width}, max d_w {r.max_d_w:.1e} {r.error}"
             )
-    path = out / "deep.parquet"
-    if path.exists():
-        table = io.read_parquet(path)
+    paths = sorted(out.glob("deep*.parquet"))  # one table, or one per shard
+    if paths:
+        table = pd.concat([io.read_parquet(p) for p in paths], ignore_index=True)
         table["index"] = table.groupby(["rule", "problem"]).cumcount() + 1
         table["layer_ok"] = (table.teacher_width == table.inferred_width) & (table.max_d_w < 1e-3)
         print("\ndeep family (rate per layer, overall):")
@@ -544,6 +552,14 @@ def main() -> None:
     parser.add_argument("--deep-rules", nargs="+", default=["pipeline", "published"])
     parser.add_argument("--deep-only", nargs="+", default=None, help="deep name prefixes")
     parser.add_argument(
+        "--deep-shard",
+        nargs=2,
+        type=int,
+        default=(0, 1),
+        metavar=("I", "K"),
+        help="every K-th deep problem from the I-th (K processes share the family)",
+    )
+    parser.add_argument(
         "--no-deep-polish", action="store_true", help="deep students without the L-BFGS polish"
     )
     parser.add_argument(
@@ -569,7 +585,7 @@ def main() -> None:
             family(args.ablation_problems, args.out, minus, "family_ablation")
         if "deep" in args.parts:
             print(f"deep family ({args.seeds} seeds per shape, 1 thread):")
-            deep(args.seeds, args.out, args.deep_rules, args.deep_only)
+            deep(args.seeds, args.out, args.deep_rules, args.deep_only, tuple(args.deep_shard))
         if "dtype" in args.parts:
             print("float32 vs float64 students (1 thread):")
             dtypes(args.dtype_problems, args.out)

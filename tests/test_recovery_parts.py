@@ -10,6 +10,8 @@ import signal
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
 
@@ -18,6 +20,7 @@ from pipeline.models import build
 from pipeline.recovery import students as students_module
 from pipeline.recovery.chain import Chain, chain_of, forward, init_stack, member, stack
 from pipeline.recovery.cluster import (
+    SYMMETRIES,
     ClusterHparams,
     cluster_layer,
     condensed_distances,
@@ -25,6 +28,7 @@ from pipeline.recovery.cluster import (
     symmetry_of,
 )
 from pipeline.recovery.collapse import fold_constant_inputs, merge_twins, reconstruct
+from pipeline.recovery.evaluate import compare
 from pipeline.recovery.students import FitHparams, FitResult, StackedPlateau, fit
 from pipeline.recovery.teachers import ProbeData, ToyTeacher, make_toy_teacher, probe
 from pipeline.train.engine import ResumeStore
@@ -567,3 +571,85 @@ def test_teachers_drawn_nonlinear_have_every_neuron_nonlinear_on_fresh_inputs(ac
     if act == "relu":
         plain = [make_toy_teacher(ToyTeacher(**spec, seed=seed + k)) for k in range(20)]
         assert min(lowest(*teacher) for teacher in plain) < 0.2
+
+
+def _moved_by_symmetry(chain: Chain, params: dict, gen: torch.Generator):
+    """The network ``params`` (a stack of one) moved by a random element of its activation's
+    group, top layer first, with the function kept exactly: each hidden layer's neurons
+    permuted, scaled by ``a > 0`` where the activation is homogeneous, and flipped (``s = -1``)
+    where it has a sign symmetry; a flipped neuron's constant (``sigma(-u) = kappa -
+    sigma(u)``) goes into the next bias, its linear term (``sigma(-u) = sigma(u) - lambda u``)
+    into a skip from the layer below. Moving from the top down, no layer's incoming vector
+    holds a skip when it is moved; a skip reading a layer moved later takes its columns like
+    the next weight, so even-linear flips (whose linear terms would then need a skip over two
+    layers) skip the layer below a layer with flips."""
+    from pipeline.models.activations import make as make_activation
+    from pipeline.recovery.chain import incoming, skip_name, with_incoming
+
+    symmetry = symmetry_of(chain.activation)
+    act = make_activation(chain.activation)
+    one, zero = torch.ones((), dtype=F64), torch.zeros((), dtype=F64)
+    kappa = float(act(one) + act(-one)) if symmetry.sign == "odd_constant" else 0.0
+    lam = float(act(one) - act(-one)) if symmetry.sign == "even_linear" else 0.0
+    assert symmetry.sign != "odd_constant" or abs(float(act(zero)) - kappa / 2) < 1e-15
+    params, flips_above = dict(params), False
+    for layer in reversed(range(chain.depth)):
+        width, nxt = chain.widths[layer], chain.layers[layer + 1]
+        perm = torch.randperm(width, generator=gen)
+        a = torch.ones(width, dtype=F64)
+        if symmetry.scale:
+            a = 0.5 + 1.5 * torch.rand(width, generator=gen, dtype=F64)
+        s = torch.ones(width, dtype=F64)
+        if symmetry.sign is not None and not (lam and flips_above):
+            s = (torch.randint(0, 2, (width,), generator=gen) * 2 - 1).to(F64)
+        flips_above = bool((s < 0).any())
+        if layer + 2 in chain.skips:  # the skip into Linear layer + 2 reads this layer
+            over = skip_name(chain, layer + 2)
+            params[over] = params[over][:, :, perm] / a[None, None, :]
+        v = incoming(chain, params, layer)[0][perm]  # [width, fan_in + 1], no skip yet
+        a_cols = params[f"{nxt}.weight"][0][:, perm]  # [out, width]
+        flipped = (s < 0).to(F64)
+        params = with_incoming(chain, params, layer, ((a * s)[:, None] * v)[None])
+        coef = a * s if symmetry.sign in ("odd", "odd_constant", None) else a
+        params[f"{nxt}.weight"] = (a_cols / coef[None, :])[None]
+        shift = kappa * a_cols @ flipped + lam * (a_cols * flipped[None, :]) @ v[:, -1]
+        params[f"{nxt}.bias"] = params[f"{nxt}.bias"] + shift[None]
+        if lam and bool(flipped.any()):
+            chain = chain.with_skips((*chain.skips, layer + 1))
+            skip = lam * (a_cols * flipped[None, :]) @ v[:, :-1]
+            params[skip_name(chain, layer + 1)] = skip[None]
+    return chain, params
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    activation=st.sampled_from(sorted(SYMMETRIES)),
+    widths=st.lists(st.integers(2, 6), min_size=1, max_size=3),
+    d_in=st.integers(2, 6),
+    outputs=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_teacher_moved_by_its_symmetry_is_recovered_at_every_layer(
+    activation, widths, d_in, outputs, seed
+):
+    """``compare`` measures a network against the teacher moved by its own group (every layer
+    permuted, scaled, flipped; the flips' constants in the next bias, their linear terms in
+    skips) as the teacher itself: every width right, every neuron at ``d_w``, ``d_a`` of round-
+    off. Deeper layers are compared in the teacher's basis of the layer below, which must undo
+    the sigmoid flips' constants and must not flip relu's outgoing weights."""
+    chain = Chain(d_in, tuple(widths), outputs, activation)
+    teacher = init_stack(chain, 1, seed=seed % 1000, dtype=F64)
+    gen = torch.Generator().manual_seed(seed)
+    moved_chain, moved = _moved_by_symmetry(chain, teacher, gen)
+    x = torch.randn(200, d_in, generator=gen, dtype=F64)
+    expected = forward(chain, teacher, x)
+    # the move keeps the function (the construction is right) ...
+    diff = float((forward(moved_chain, moved, x) - expected).abs().max())
+    assert diff < 1e-12 * (1 + float(expected.abs().max())), diff
+    # ... and compare sees the teacher at every layer
+    neurons, layers = compare(chain, teacher, moved_chain, moved)
+    assert (layers.inferred_width == layers.teacher_width).all()
+    assert (layers.excess == 0).all()
+    teacher_rows = neurons[neurons.kind == "teacher"]
+    assert float(teacher_rows.d_w.max()) < 1e-12, layers
+    assert float(teacher_rows.d_a.max()) < 1e-12, teacher_rows

@@ -12,12 +12,22 @@ reconstruction's *in the teacher's basis of the layer below*:
 - *excess* neurons: recovered neurons that are no teacher neuron's nearest, each with its
   nearest teacher distance and outgoing norm.
 
-The basis change from one layer to the next: every recovered neuron ``k`` is ``c_k`` times its
-nearest teacher neuron ``j`` (``c_k = r_k . t_j / |t_j|^2``: a positive scale for relu, a sign
-for tanh), so ``h_k ~ c_k h_j`` for homogeneous or odd activations and the next layer's column
-for teacher neuron ``j`` is ``sum_{k: j nearest to k} c_k W[:, k]``; the next layer's rows
-(outgoing vectors) are divided by their neuron's own ``c``. This is exact when the
-reconstruction equals the teacher up to its symmetry group, which is the case to detect.
+The basis change from one layer to the next: every recovered neuron ``k`` is ``f_k`` times its
+nearest teacher neuron ``j`` (``f_k = r_k . t_j / |t_j|^2``: a positive scale for relu, a sign
+for tanh), so ``h_k = c_k h_j + o_k`` plus, for even-linear activations, a linear term:
+
+- odd (tanh): ``c_k = f_k``, ``o_k = 0``;
+- odd with a constant (sigmoid, ``sigma(-u) = kappa - sigma(u)``, ``kappa = 2 sigma(0)``):
+  ``c_k = f_k``, ``o_k = kappa`` where ``f_k < 0``;
+- even-linear (relu, softplus: ``sigma(-u) = sigma(u) - lambda u``): ``c_k = |f_k|`` (a
+  positive scale, and a flip leaves the outgoing weights alone); the flip's ``-lambda |f_k|
+  t_j . h`` is affine in the layer below: its linear part a skip, which the teacher has not and
+  which is not compared, its constant ``o_k = lambda b_k`` (``b_k``: the neuron's bias).
+
+The next layer's column for teacher neuron ``j`` is ``sum_{k: j nearest to k} c_k W[:, k]``
+and its bias gains ``sum_k o_k W[:, k]``; the next layer's rows (outgoing vectors) are divided
+by their neuron's own ``f``. This is exact when the reconstruction equals the teacher up to its
+symmetry group, which is the case to detect.
 
 Recovery of a teacher: every layer's inferred width equals the teacher's and every teacher
 neuron is matched with ``d_w < tolerance``. A reconstruction's skips (the linear corrections of
@@ -30,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.models.activations import make as make_activation
 from pipeline.recovery.chain import Chain, incoming, outgoing
 from pipeline.recovery.cluster import cosine_distances, symmetry_of
 
@@ -79,12 +90,12 @@ def compare(
         )
         nearest_r = d.argmin(dim=1)  # per teacher neuron
         nearest_t = d.argmin(dim=0)  # per recovered neuron
-        factor = (r_in * t_in[nearest_t]).sum(1) / (t_in[nearest_t] ** 2).sum(1)
+        factor = _factor(r_in, t_in, nearest_t)
         t_out = outgoing(teacher, {k: v[None] for k, v in t_params.items()}, layer)[0]
         r_out = outgoing(chain, {k: v[None] for k, v in r_params.items()}, layer)[0]
-        r_out_aligned = _rows_to_teacher(
-            r_out, layer, teacher, chain, t_params, r_params, informative
-        )
+        r_bias = r_in[:, -1] if chain.bias else torch.zeros_like(factor)
+        this_map = _column_map(nearest_t, factor, r_bias, len(t_in), teacher.activation)
+        r_out_aligned = _rows_to_teacher(r_out, layer, teacher, chain, t_params, r_params, this_map)
         sign = torch.sign(factor) if odd_out else torch.ones_like(factor)
         oriented = r_out_aligned * sign[:, None]
         d_out = 1 - torch.nn.functional.cosine_similarity(t_out[:, None, :], oriented[None], dim=-1)
@@ -129,46 +140,72 @@ def compare(
                 "unique_matches": len(set(nearest_r.tolist())),
             }
         )
-        col_map = (nearest_t, factor, len(t_in))
+        col_map = this_map
     return pd.DataFrame(rows), pd.DataFrame(layers)
 
 
+def _factor(r_in: torch.Tensor, t_in: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """``f_k = r_k . t_j / |t_j|^2`` with ``j`` the nearest teacher neuron of recovered ``k``."""
+    return (r_in * t_in[nearest]).sum(1) / (t_in[nearest] ** 2).sum(1)
+
+
+def flip_terms(activation: str) -> tuple[float, float]:
+    """``(kappa, lambda)`` with ``sigma(-u) = kappa - sigma(u)`` for an odd activation with a
+    constant (sigmoid: 1) and ``sigma(-u) = sigma(u) - lambda u`` for an even-linear one (relu,
+    softplus, gelu, silu: 1; leaky relu: 1 + slope); 0 where the class has none."""
+    sign = symmetry_of(activation).sign
+    act = make_activation(activation)
+    one = torch.ones((), dtype=torch.float64)
+    kappa = 2.0 * float(act(0 * one)) if sign == "odd_constant" else 0.0
+    lam = float(act(one) - act(-one)) if sign == "even_linear" else 0.0
+    return kappa, lam
+
+
+def _column_map(
+    nearest: torch.Tensor, factor: torch.Tensor, bias: torch.Tensor, width: int, activation: str
+):
+    """``(nearest, c, o, width)``: per recovered neuron (biases ``bias [K]``, zero without)
+    its nearest teacher neuron and ``h_k = c_k h_j + o_k`` (see the module docstring),
+    and the teacher's width. A flipped even-linear neuron's term ``-lambda |f_k| u_j`` is
+    linear in the layer below: its part on the inputs is a skip and not compared, its constant
+    ``lambda b_k`` (``b_k`` the neuron's bias) is ``o_k``, so that neither is compared."""
+    sign = symmetry_of(activation).sign
+    kappa, lam = flip_terms(activation)
+    flipped = (factor < 0).to(factor.dtype)
+    c = factor.abs() if sign == "even_linear" else factor
+    o = kappa * flipped + lam * flipped * bias
+    return nearest, c, o, width
+
+
 def _to_teacher_basis(r_in: torch.Tensor, col_map, bias: bool) -> torch.Tensor:
-    """Columns of a recovered layer's incoming vectors re-expressed on the teacher neurons of
-    the layer below (``col_map``: nearest teacher neuron and factor of each recovered one, and
-    the teacher's width there)."""
-    nearest, factor, width = col_map
-    w = r_in[:, : len(nearest)] * factor[None, :]
+    """Columns of a recovered layer's incoming vectors ``[K, K_prev (+1)]`` re-expressed on the
+    teacher neurons of the layer below (``col_map`` from :func:`_column_map`); the constants
+    ``o`` of the neurons below go into the bias."""
+    nearest, c, o, width = col_map
+    columns = r_in[:, : len(nearest)]
     out = torch.zeros(len(r_in), width, dtype=r_in.dtype, device=r_in.device)
-    out.index_add_(1, nearest, w)
+    out.index_add_(1, nearest, columns * c[None, :])
     if bias:
-        out = torch.cat([out, r_in[:, len(nearest) :]], dim=1)
+        shift = columns @ o
+        out = torch.cat([out, r_in[:, len(nearest) :] + shift[:, None]], dim=1)
     return out
 
 
-def _rows_to_teacher(r_out, layer, teacher, chain, t_params, r_params, informative):
+def _rows_to_teacher(r_out, layer, teacher, chain, t_params, r_params, col_map):
     """Outgoing vectors of recovered neurons with the next layer's rows on the teacher's next
-    neurons (hidden next layer: each row divided by its neuron's factor, then averaged over the
-    recovered neurons sharing a nearest teacher neuron)."""
+    neurons (hidden next layer: its incoming vectors put in the teacher's basis of this layer
+    by ``col_map``, each matched to its nearest teacher neuron, each row divided by its
+    neuron's ``f`` (a row is ``f`` times its teacher's, flips included), then averaged over
+    the recovered neurons sharing a nearest teacher neuron)."""
     if layer == teacher.depth - 1:
         return r_out
     symmetry = symmetry_of(teacher.activation)
     nxt_t = incoming(teacher, {k: v[None] for k, v in t_params.items()}, layer + 1)[0]
     nxt_r = incoming(chain, {k: v[None] for k, v in r_params.items()}, layer + 1)[0]
-    this_t = incoming(teacher, {k: v[None] for k, v in t_params.items()}, layer)[0]
-    this_r = incoming(chain, {k: v[None] for k, v in r_params.items()}, layer)[0]
-    d = cosine_distances(
-        _masked(this_t, layer, informative),
-        _masked(this_r, layer, informative),
-        symmetry.sign_invariant,
-    )
-    near = d.argmin(dim=0)
-    fac = (this_r * this_t[near]).sum(1) / (this_t[near] ** 2).sum(1)
-    nxt_r = _to_teacher_basis(nxt_r, (near, fac, len(this_t)), chain.bias)
+    nxt_r = _to_teacher_basis(nxt_r, col_map, chain.bias)
     d2 = cosine_distances(nxt_t, nxt_r, symmetry.sign_invariant)
     near2 = d2.argmin(dim=0)
-    fac2 = (nxt_r * nxt_t[near2]).sum(1) / (nxt_t[near2] ** 2).sum(1)
-    rows = r_out / fac2[None, :]
+    rows = r_out / _factor(nxt_r, nxt_t, near2)[None, :]  # entries of rows scaled by f
     out = torch.zeros(len(r_out), len(nxt_t), dtype=r_out.dtype, device=r_out.device)
     out.index_add_(1, near2, rows)
     counts = torch.bincount(near2, minlength=len(nxt_t)).clamp_min(1).to(r_out.dtype)
