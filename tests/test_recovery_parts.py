@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist
+from strategies import examples
 
 from pipeline import io
 from pipeline.models import build
@@ -621,7 +622,7 @@ def _moved_by_symmetry(chain: Chain, params: dict, gen: torch.Generator):
     return chain, params
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(ci=40, thorough=300), deadline=None)
 @given(
     activation=st.sampled_from(sorted(SYMMETRIES)),
     widths=st.lists(st.integers(2, 6), min_size=1, max_size=3),
