@@ -290,9 +290,8 @@ def deep(
             for k, v in variants.items()
         }
     for position, (name, (shape, spec)) in enumerate(deep_family(seeds).items()):
-        if name in done or (only and not name.startswith(tuple(only))):
-            continue
-        if position % shards != index:
+        wanted = not only or name.startswith(tuple(only))
+        if name in done or not wanted or position % shards != index:
             continue
         table = solve(name, spec, 2000, deep_expand(), variants, out / "students")
         table = table.assign(shape=shape)

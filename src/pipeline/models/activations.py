@@ -83,6 +83,20 @@ def make(name: str):
 
 
 @cache
+def flip_terms(name: str) -> tuple[float, float]:
+    """``(kappa, lambda)`` of a sign flip: ``sigma(-x) = kappa - sigma(x)`` for ``odd_constant``
+    (sigmoid: 1) and ``sigma(-x) = sigma(x) - lambda x`` for ``even_linear`` (relu, softplus,
+    gelu, silu: 1; leaky relu: 1 + its slope); 0 where the sign class has none."""
+    import torch
+
+    sign, act = get(name).sign, make(name)
+    one = torch.ones((), dtype=torch.float64)
+    kappa = 2.0 * float(act(0 * one)) if sign == "odd_constant" else 0.0
+    lam = float(act(one) - act(-one)) if sign == "even_linear" else 0.0
+    return kappa, lam
+
+
+@cache
 def module_types() -> dict[type, str]:
     """``torch.nn`` class -> name, for the activation sites of a trace."""
     import torch.nn as nn

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.models.activations import make as make_activation
+from pipeline.models.activations import flip_terms
 from pipeline.recovery.chain import Chain, incoming, outgoing
 from pipeline.recovery.cluster import cosine_distances, symmetry_of
 
@@ -149,26 +149,13 @@ def _factor(r_in: torch.Tensor, t_in: torch.Tensor, nearest: torch.Tensor) -> to
     return (r_in * t_in[nearest]).sum(1) / (t_in[nearest] ** 2).sum(1)
 
 
-def flip_terms(activation: str) -> tuple[float, float]:
-    """``(kappa, lambda)`` with ``sigma(-u) = kappa - sigma(u)`` for an odd activation with a
-    constant (sigmoid: 1) and ``sigma(-u) = sigma(u) - lambda u`` for an even-linear one (relu,
-    softplus, gelu, silu: 1; leaky relu: 1 + slope); 0 where the class has none."""
-    sign = symmetry_of(activation).sign
-    act = make_activation(activation)
-    one = torch.ones((), dtype=torch.float64)
-    kappa = 2.0 * float(act(0 * one)) if sign == "odd_constant" else 0.0
-    lam = float(act(one) - act(-one)) if sign == "even_linear" else 0.0
-    return kappa, lam
-
-
 def _column_map(
     nearest: torch.Tensor, factor: torch.Tensor, bias: torch.Tensor, width: int, activation: str
 ):
     """``(nearest, c, o, width)``: per recovered neuron (biases ``bias [K]``, zero without)
-    its nearest teacher neuron and ``h_k = c_k h_j + o_k`` (see the module docstring),
-    and the teacher's width. A flipped even-linear neuron's term ``-lambda |f_k| u_j`` is
-    linear in the layer below: its part on the inputs is a skip and not compared, its constant
-    ``lambda b_k`` (``b_k`` the neuron's bias) is ``o_k``, so that neither is compared."""
+    its nearest teacher neuron and ``h_k = c_k h_j + o_k`` (the module docstring: ``o_k`` is
+    ``kappa`` for a flipped sigmoid neuron, ``lambda b_k`` for a flipped even-linear one), and
+    the teacher's width."""
     sign = symmetry_of(activation).sign
     kappa, lam = flip_terms(activation)
     flipped = (factor < 0).to(factor.dtype)
