@@ -15,8 +15,10 @@
    of before), students polished by L-BFGS (``students.DEEP_POLISH``; ``--no-deep-polish``),
    ``--seeds`` per shape (``--deep-only relu-``: those names only): the rate per layer and
    overall, per rule (``--deep-rules``), into ``OUT/deep.parquet`` (``--deep-shard I K``: K
-   processes share the problems, each into ``OUT/deep-IofK.parquet``; ``--deep-finetune
-   lbfgs``: our rules refit the students between layers by L-BFGS, use another ``OUT``).
+   processes share the problems, each into ``OUT/deep-IofK.parquet``). Ours refits the
+   polished students between layers by their polish (``cluster.refit_as_students``);
+   ``pipeline - polished_refit`` (in ``--deep-rules``) is ours with the Adam refit
+   (``cluster.finetune``).
 3. ``dtype``: seconds (CPU) per problem with float32 against float64 students, and the
    recovery distances each gives, on the first ``--dtype-problems`` problems of the family.
 4. ``students``: N = 10 students trained by one vectorised fit against ten plain sequential
@@ -170,7 +172,7 @@ def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None)
     for rule, h in variants.items():
         t0 = time.process_time()
         try:
-            rec = reconstruct(s_chain, students, data, h)
+            rec = reconstruct(s_chain, students, data, h, students_polish=expand.polish)
             _, layers = compare(chain, params, rec.chain, rec.params)
             table = recovery_table(
                 name, layers, students.test_loss, float(rec.finetune.test_loss[0])
@@ -203,9 +205,6 @@ def deep_expand() -> ExpandHparams:
 
 
 DEEP_POLISHED = True
-# ``--deep-finetune lbfgs``: our rules refit the students between layers by L-BFGS
-# (``students.DEEP_POLISH``) instead of the default ``cluster.finetune`` (full-batch Adam)
-DEEP_FINETUNE_LBFGS = False
 
 
 def toy_problems(count: int) -> dict:
@@ -284,11 +283,6 @@ def deep(
     path = out / ("deep.parquet" if shards == 1 else f"deep-{index}of{shards}.parquet")
     done = set().union(*(solved_problems(p) for p in out.glob("deep*.parquet")))
     variants = {k: v for k, v in rules().items() if k in chosen}
-    if DEEP_FINETUNE_LBFGS:  # our rules' refit between layers by L-BFGS (not the published)
-        variants = {
-            k: v if k == "published" else replace(v, finetune=DEEP_POLISH)
-            for k, v in variants.items()
-        }
     for position, (name, (shape, spec)) in enumerate(deep_family(seeds).items()):
         wanted = not only or name.startswith(tuple(only))
         if name in done or not wanted or position % shards != index:
@@ -542,7 +536,7 @@ def speed() -> None:
 
 
 def main() -> None:
-    global DEEP_POLISHED, NONLINEAR, DEEP_FINETUNE_LBFGS
+    global DEEP_POLISHED, NONLINEAR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--parts",
@@ -571,12 +565,6 @@ def main() -> None:
         "--no-deep-polish", action="store_true", help="deep students without the L-BFGS polish"
     )
     parser.add_argument(
-        "--deep-finetune",
-        choices=["default", "lbfgs"],
-        default="default",
-        help="our rules' refit of the students between layers: cluster.finetune or L-BFGS",
-    )
-    parser.add_argument(
         "--deep-nonlinearity", type=float, default=NONLINEAR, help="deep teachers' min_nonlinearity"
     )
     parser.add_argument("--out", type=Path, default=Path("results/bench_recovery"))
@@ -584,7 +572,6 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     DEEP_POLISHED, NONLINEAR = not args.no_deep_polish, args.deep_nonlinearity
-    DEEP_FINETUNE_LBFGS = args.deep_finetune == "lbfgs"
     if not args.summary:
         torch.set_num_threads(1)
         if "family" in args.parts:

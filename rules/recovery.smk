@@ -55,6 +55,7 @@ rule recovery_cluster:
     params:
         probe=lambda w: problem(w)["probe"],
         cluster=lambda w: problem(w)["cluster"],
+        expand=lambda w: problem(w)["expand"],
         tolerance=lambda w: PLAN.kind(w.study).tolerance,
         code=code("recovery_cluster.py"),
         device=DEVICE,

@@ -321,13 +321,14 @@ def test_constant_inputs_fold_into_the_bias_exactly():
     torch.testing.assert_close(forward(chain, folded, x), forward(chain, params, x))
 
 
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "softplus"])
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu", "softplus", "leaky_relu"])
 def test_duplicated_scaled_and_flipped_neurons_collapse_exactly(activation):
     """Students made of the teacher's neurons split into two copies each (rescaled where scaling
     is a symmetry, sign-flipped at random with the matching outgoing correction) collapse to a
     3-neuron network with the best student's function, before any finetuning. Odd activations:
     every student is the teacher; even-linear ones: a flip leaves a linear term (sigma(-z) =
-    sigma(z) - z), which the affine correction must find."""
+    sigma(z) - lambda z, lambda = 1.01 for leaky relu), which the affine correction must find
+    and the orientation must move into the skip exactly."""
     teacher, t_params = make_toy_teacher(
         ToyTeacher(3, (3,), activation, outputs=2, min_angle=40, seed=5)
     )

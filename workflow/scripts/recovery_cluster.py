@@ -17,4 +17,5 @@ run_step(
     data_dir=snakemake.params.data_dir,
     threads=snakemake.threads,
     tolerance=snakemake.params.tolerance,
+    expand=snakemake.params.expand,
 )

@@ -109,6 +109,7 @@ PUBLISHED = {
     "redundant_trials": 0,
     "layer_correction": False,  # 2.4 steps 8-9: no correction between layers, one at the end
     "freeze": False,  # 2.4 step 8: all the students' weights are finetuned between layers
+    "refit_as_students": False,  # 2.4 step 8: ... by Adam, however the students were fitted
     "polish": None,  # 2.4 step 10: the final fit (Adam) ends the reconstruction
 }
 # 2.4 step 8: finetune between layers, and steps 9-10: the final fit (the affine correction's
@@ -176,6 +177,11 @@ ADDITIONS = {
         {"freeze": False},
         "the students keep the recovered layers fixed, so the next layer's vectors share one basis",
     ),
+    "polished_refit": (
+        {"refit_as_students": False},
+        "students polished to round-off are refitted between layers by their own polish: an Adam "
+        "refit leaves them at the collapse's error and the next layer's vectors with it",
+    ),
     "lm_polish": (
         {"polish": None},
         "at the teacher the residual is zero: Gauss-Newton (Levenberg-Marquardt) converges there "
@@ -214,6 +220,7 @@ class ClusterHparams:
     redundant_factor: float = 10.0  # a removal stands if the refit loss is within this factor
     layer_correction: bool = True  # correct each collapsed layer in its own input space
     freeze: bool = True  # keep recovered layers fixed while the students are refitted
+    refit_as_students: bool = True  # polished students (expand.polish) refit by that polish
     mask_inputs: bool = True
     finetune: FitHparams = field(default_factory=lambda: DEEP_FINETUNE)
     final: FitHparams = field(default_factory=lambda: FINAL_FIT)
@@ -248,7 +255,9 @@ class ClusterHparams:
 
 
 # the students' refit after each collapsed hidden layer (below the last): full batch, from a
-# tenth of the students' rate, the recovered layers fixed; the deep tests use this default too
+# tenth of the students' rate, the recovered layers fixed; the deep tests use this default too.
+# Students that were polished (expand.polish) are refitted by that polish instead
+# (``refit_as_students``; pipeline.recovery.collapse.reconstruct)
 DEEP_FINETUNE = FitHparams(
     lr=1e-3,
     batch_size=0,

@@ -24,7 +24,11 @@ identifiable as neurons.
    layers; the students are refitted (``finetune``) and the next layer is read from *these
    refitted* students (the published code reads stale weights: the preset does not copy
    that). With ``freeze`` the recovered layers stay fixed during the refit, so every student
-   reads the next layer in one basis (published: all weights train). With
+   reads the next layer in one basis (published: all weights train). Students polished to
+   round-off (``students_polish``, the expand stage's L-BFGS) are refitted by that same polish
+   (``refit_as_students``): the refit must reach the students' own precision, or the next
+   layer's incoming vectors carry the collapse's error and are not identifiable (deep relu,
+   measured: an Adam refit recovers 0 of 4 two-layer teachers, the polish 3 of 4). With
    ``layer_correction`` each student first gets the least-squares correction of the next
    layer's pre-activations in the collapsed layer's *own* input space (:func:`correct_layer`:
    a flipped even-linear copy leaves ``-a z``, linear in that layer's inputs, which for the
@@ -71,6 +75,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.models.activations import flip_terms
 from pipeline.recovery.chain import (
     Chain,
     incoming,
@@ -88,7 +93,7 @@ from pipeline.recovery.cluster import (
     cluster_layer,
     symmetry_of,
 )
-from pipeline.recovery.students import FitResult, fit
+from pipeline.recovery.students import FitHparams, FitResult, fit
 from pipeline.recovery.teachers import ProbeData
 
 
@@ -126,8 +131,9 @@ def merged_outgoing(
     flip_out = symmetry.sign in ("odd", "odd_constant")
     effective = flat_a * scale[:, None] * (sign[:, None] if flip_out else 1.0)
     shift_each = torch.zeros_like(flat_a)
-    if symmetry.sign == "odd_constant":
-        shift_each = torch.where((sign < 0)[:, None], flat_a, shift_each)
+    if symmetry.sign == "odd_constant":  # sigma(-z) = kappa - sigma(z)
+        kappa = flip_terms(chain.activation)[0]
+        shift_each = torch.where((sign < 0)[:, None], kappa * flat_a, shift_each)
     owner = torch.arange(n * width, device=u.device) // width
     merged = torch.zeros(n, a.shape[-1], len(clusters.members), dtype=u.dtype, device=u.device)
     recovered = []
@@ -256,11 +262,20 @@ class Reconstruction:
 
 
 def reconstruct(
-    chain: Chain, students: FitResult, data: ProbeData, h: ClusterHparams, seed: int = 0
+    chain: Chain,
+    students: FitResult,
+    data: ProbeData,
+    h: ClusterHparams,
+    seed: int = 0,
+    students_polish: FitHparams | None = None,
 ) -> Reconstruction:
     """Cluster the trained ``students`` (of architecture ``chain``, any float dtype) layer by
-    layer into one network and finetune it, in the probe data's dtype; see the module
-    docstring."""
+    layer into one network and finetune it, in the probe data's dtype; ``students_polish``:
+    the polish the students had after their fit (``ExpandHparams.polish``), if any; see the
+    module docstring."""
+    refit = h.finetune
+    if h.refit_as_students and students_polish is not None:
+        refit = students_polish
     symmetry = symmetry_of(chain.activation)
     dtype = data.x.dtype
     params = {k: v.detach().to(dtype) for k, v in students.params.items()}
@@ -309,9 +324,7 @@ def reconstruct(
                     before_chain, before, chain, params, layer, data.x[:8192], symmetry
                 )
             frozen = _recovered_names(chain, layer) if h.freeze else ()
-            result = fit(
-                chain, params, data, h.finetune, seed, tag=f"finetune-{name}", frozen=frozen
-            )
+            result = fit(chain, params, data, refit, seed, tag=f"finetune-{name}", frozen=frozen)
             fits.append(result)
             params, rank = result.params, result.ranking().cpu().numpy()
             continue
@@ -420,18 +433,21 @@ def _add_skip(chain: Chain, params: dict, j: int, weight: torch.Tensor) -> tuple
 def orient(chain: Chain, params: dict, layer: int) -> tuple[Chain, dict]:
     """Flip recovered even-linear neurons of hidden ``layer`` (shared by every network of the
     stack) so that the skip into the next Linear is as small as it can be, the function
-    unchanged: ``a sigma(v.h) = a sigma(-v.h) + a v.h``, so flipping neuron ``j`` adds ``A_j
-    v_j^T`` to each network's skip (``A_j``: its column in the next layer). The teacher has no
-    skips, so in its orientation the students need none: with every network's skip ``S_n ~
-    -sum_(j in F) A_nj v_j^T`` for the neurons ``F`` recovered flipped, the least-squares ``f``
-    of ``sum_n |S_n + sum_j f_j A_nj v_j^T|^2``, rounded, is ``1_F``."""
+    unchanged: ``a sigma(v.h) = a sigma(-v.h) + lambda a v.h`` (``lambda``: 1 for relu,
+    softplus, gelu, silu; 1 + the slope for leaky relu; :func:`flip_terms`), so flipping neuron
+    ``j`` adds ``lambda A_j v_j^T`` to each network's skip (``A_j``: its column in the next
+    layer). The teacher has no skips, so in its orientation the students need none: with every
+    network's skip ``S_n ~ -lambda sum_(j in F) A_nj v_j^T`` for the neurons ``F`` recovered
+    flipped, the least-squares ``f`` of ``sum_n |S_n + lambda sum_j f_j A_nj v_j^T|^2``,
+    rounded, is ``1_F``."""
     nxt = layer + 1
     if nxt not in chain.skips:
         return chain, params
+    lam = flip_terms(chain.activation)[1]
     v = incoming(chain, params, layer)[0]  # [K, k] shared
     k = chain.fan_in(layer)
     s = params[skip_name(chain, nxt)]  # [N, out, k]
-    a = params[f"{chain.layers[nxt]}.weight"]  # [N, out, K]
+    a = lam * params[f"{chain.layers[nxt]}.weight"]  # [N, out, K]
     terms = torch.einsum("noj,jk->jnok", a, v[:, :k]).reshape(len(v), -1)  # [K, N out k]
     f = torch.linalg.lstsq(terms.T, -s.reshape(-1, 1)).solution[:, 0]
     flip = f > 0.5
@@ -569,7 +585,8 @@ def merge_twins(chain: Chain, params: dict, symmetry: Symmetry, tol: float):
             w[:, :, keep] += factor * sign * w[:, :, gone]
             if symmetry.sign == "odd_constant" and sign < 0 and chain.bias:
                 bias = f"{chain.layers[j]}.bias"
-                params[bias] = params[bias] + params[weight][:, :, gone]
+                kappa = flip_terms(chain.activation)[0]  # sigma(-z) = kappa - sigma(z)
+                params[bias] = params[bias] + kappa * params[weight][:, :, gone]
             w[:, :, gone] = 0.0
             params[weight] = w
         if not symmetry.scale:

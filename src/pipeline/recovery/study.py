@@ -147,9 +147,11 @@ def run_cluster(
     data_dir="data",
     threads: int = 1,
     tolerance: float = TOLERANCE,
+    expand: dict | None = None,
 ) -> pd.DataFrame:
     """Reconstruct from the students in ``students_dir`` (in float64, whatever the students'
-    dtype): ``reconstruction.pt``, ``clusters.parquet``, ``neurons.parquet``,
+    dtype; ``expand``: the block they were trained by, whose ``polish`` the refit between
+    layers follows): ``reconstruction.pt``, ``clusters.parquet``, ``neurons.parquet``,
     ``recovery.parquet`` and ``finetune_history.parquet`` in ``out_dir``. A failed
     reconstruction (no neuron of a layer survives) is recorded, not raised: its recovery row
     says so."""
@@ -168,9 +170,10 @@ def run_cluster(
         pd.DataFrame(),
     )
     h = ClusterHparams.from_dict(cluster)
+    polish = ExpandHparams.from_dict(expand or {}).polish
     seed = seeding.derive(0, "cluster", problem)
     try:
-        rec = reconstruct(s_chain, students, data, h, seed)
+        rec = reconstruct(s_chain, students, data, h, seed, students_polish=polish)
     except RecoveryFailed as err:
         io.write_parquet(out / "clusters.parquet", err.clusters)
         table = pd.DataFrame(
