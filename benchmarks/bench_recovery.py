@@ -392,11 +392,12 @@ def summary(out: Path) -> None:
         table["index"] = table.groupby(["rule", "problem"]).cumcount() + 1
         table["layer_ok"] = (table.teacher_width == table.inferred_width) & (table.max_d_w < 1e-3)
         print("\ndeep family (rate per layer, overall):")
+        pad = max(map(len, table.rule))
         for (rule, shape, act), rows in table.groupby(["rule", "shape", "activation"], sort=False):
             per_layer = rows.groupby("index").layer_ok.mean()
             overall = rows.groupby("problem").recovered.all()
             print(
-                f"  {rule:10s} {shape:9s} {act:8s} "
+                f"  {rule:{pad}s} {shape:9s} {act:8s} "
                 + " ".join(f"L{i} {r:4.0%}" for i, r in per_layer.items())
                 + f"  overall {overall.mean():4.0%} ({int(overall.sum())}/{len(overall)})"
             )
