@@ -578,6 +578,7 @@ def merge_twins(chain: Chain, params: dict, symmetry: Symmetry, tol: float):
     if not pairs:
         return None
     params = dict(params)
+    kappa = flip_terms(chain.activation)[0]  # odd_constant: sigma(-z) = kappa - sigma(z)
     drop = [torch.zeros(w, dtype=torch.bool) for w in chain.widths]
     for layer, keep, gone, factor, sign in pairs:
         for weight, j in _readers(chain, layer):
@@ -585,7 +586,6 @@ def merge_twins(chain: Chain, params: dict, symmetry: Symmetry, tol: float):
             w[:, :, keep] += factor * sign * w[:, :, gone]
             if symmetry.sign == "odd_constant" and sign < 0 and chain.bias:
                 bias = f"{chain.layers[j]}.bias"
-                kappa = flip_terms(chain.activation)[0]  # sigma(-z) = kappa - sigma(z)
                 params[bias] = params[bias] + kappa * params[weight][:, :, gone]
             w[:, :, gone] = 0.0
             params[weight] = w
