@@ -9,10 +9,12 @@
    with each of its additions switched off, on the first ``--ablation-problems``, into
    ``OUT/family_ablation.parquet``: with the first two, the ablation table;
    ``family-polished``: the same problems with the students polished by L-BFGS
-   (``students.DEEP_POLISH``, from the cached Adam students) into ``OUT/family_polished.parquet``.
+   (``students.DEEP_POLISH`` in ``expand.polish_dtype``, float64; from the cached Adam students)
+   into ``OUT/family_polished.parquet``.
 2. ``deep``: teachers with two and three hidden layers (tanh and sigmoid at gain 2, relu),
    every neuron nonlinear on the inputs (``--deep-nonlinearity``, default 0.25; 0: the family
-   of before), students polished by L-BFGS (``students.DEEP_POLISH``; ``--no-deep-polish``),
+   of before), students fitted by Adam in float32 and polished by L-BFGS in float64
+   (``students.DEEP_POLISH``, ``expand.polish_dtype``; ``--no-deep-polish``: Adam alone),
    ``--seeds`` per shape (``--deep-only relu-``: those names only): the rate per layer and
    overall, per rule (``--deep-rules``), into ``OUT/deep.parquet`` (``--deep-shard I K``: K
    processes share the problems, each into ``OUT/deep-IofK.parquet``). Ours refits the
@@ -50,7 +52,7 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline import devices, io, seeding
+from pipeline import io, seeding
 from pipeline.models.activations import make as make_activation
 from pipeline.plots.recovery import recovery_family, recovery_widths
 from pipeline.recovery.chain import Chain, init_stack
@@ -69,7 +71,10 @@ from pipeline.recovery.students import (
     DEEP_POLISH,
     ExpandHparams,
     FitHparams,
+    FitResult,
     fit,
+    polish_students,
+    student_chain,
     train_students,
 )
 from pipeline.recovery.study import make_teacher
@@ -130,36 +135,45 @@ def _failed(name: str, chain: Chain, students, err: Exception) -> pd.DataFrame:
 
 def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
     """The trained students of a problem (deterministic on the CPU, so cached in ``cache``
-    and shared by the runs of every part): ``(chain, result, CPU seconds of the training)``."""
-    polished = "-polish" if expand.polish is not None else ""
-    path = cache / f"{name}-{expand.dtype}{polished}.pt" if cache else None
-    if path is not None and path.exists():
-        raw = torch.load(path, weights_only=False)
-        return raw["chain"], raw["students"], raw["seconds"]
+    and shared by the runs of every part; the Adam stage's cache serves its polish too):
+    ``(chain, result, CPU seconds of the training)``. The cache holds tensors, lists and
+    numbers only (``weights_only`` loads); the students' history is not kept."""
+    s_chain = student_chain(chain, expand.rho)
     adam = cache / f"{name}-{expand.dtype}.pt" if cache else None
-    if polished and adam is not None and adam.exists():
-        # what train_students does after the Adam fit: the polish from its end (deterministic)
-        raw = torch.load(adam, weights_only=False)
-        t0 = time.process_time()
-        s_chain, students = raw["chain"], raw["students"]
-        dtype = devices.dtype(expand.dtype, "expand.dtype")
-        students = fit(
-            s_chain,
-            students.params,
-            data.to(data.x.device, dtype),
-            expand.polish,
-            expand.seed,
-            tag="students-polish",
-        )
-        seconds = raw["seconds"] + time.process_time() - t0
+    if expand.polish is None:
+        path = adam
     else:
-        t0 = time.process_time()
+        path = cache / f"{name}-{expand.dtype}-polish-{expand.polish_dtype}.pt" if cache else None
+    if path is not None and path.exists():
+        students, seconds = _load_students(path)
+        return s_chain, students, seconds
+    t0 = time.process_time()
+    if expand.polish is not None and adam is not None and adam.exists():
+        students, seconds = _load_students(adam)
+        students = polish_students(s_chain, students, data, expand)  # as train_students does
+    else:
         s_chain, students = train_students(chain, data, expand)
-        seconds = time.process_time() - t0
+        seconds = 0.0
+    seconds += time.process_time() - t0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"chain": s_chain, "students": students, "seconds": seconds}, path)
+        keep = ("train_loss", "test_loss", "status", "epochs")
+        record = {k: getattr(students, k) for k in keep}
+        torch.save({"params": students.params, **record, "seconds": seconds}, path)
     return s_chain, students, seconds
+
+
+def _load_students(path: Path) -> tuple[FitResult, float]:
+    raw = torch.load(path, weights_only=True)
+    result = FitResult(
+        raw["params"],
+        raw["train_loss"],
+        raw["test_loss"],
+        raw["status"],
+        raw["epochs"],
+        pd.DataFrame(),
+    )
+    return result, float(raw["seconds"])
 
 
 def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None):

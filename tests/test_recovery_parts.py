@@ -8,6 +8,7 @@ import math
 import signal
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
@@ -30,7 +31,13 @@ from pipeline.recovery.cluster import (
 )
 from pipeline.recovery.collapse import fold_constant_inputs, merge_twins, reconstruct
 from pipeline.recovery.evaluate import compare
-from pipeline.recovery.students import FitHparams, FitResult, StackedPlateau, fit
+from pipeline.recovery.students import (
+    ExpandHparams,
+    FitHparams,
+    FitResult,
+    StackedPlateau,
+    fit,
+)
 from pipeline.recovery.teachers import ProbeData, ToyTeacher, make_toy_teacher, probe
 from pipeline.train.engine import ResumeStore
 from pipeline.train.stop import TrainingStopped
@@ -655,3 +662,38 @@ def test_a_teacher_moved_by_its_symmetry_is_recovered_at_every_layer(
     teacher_rows = neurons[neurons.kind == "teacher"]
     assert float(teacher_rows.d_w.max()) < 1e-12, layers
     assert float(teacher_rows.d_a.max()) < 1e-12, teacher_rows
+
+
+@settings(max_examples=examples(ci=6, thorough=60), deadline=None)
+@given(
+    activation=st.sampled_from(["tanh", "sigmoid", "softplus"]),
+    width=st.integers(2, 5),
+    d_in=st.integers(3, 6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_float32_fit_ends_in_a_float64_polish(activation, width, d_in, seed):
+    """``expand.polish`` runs in ``polish_dtype`` on the probe data as given: a float32 student
+    at the teacher (rho 1), each weight moved by 1e-3, is polished (Levenberg-Marquardt, which
+    converges quadratically to a zero residual) in float64 to the teacher, a loss below 1e-28 x
+    mean(y^2). Float32 cannot get there: its rounding of the weights, or of the data, alone
+    leaves ~1e-15."""
+    teacher, t_params = make_toy_teacher(
+        ToyTeacher(d_in, (width,), activation, min_angle=30, seed=seed % 1000)
+    )
+    data = toy_data(teacher, t_params, 200, seed)
+    gen = torch.Generator().manual_seed(seed)
+    start = {
+        k: (v + 1e-3 * torch.randn(v.shape, generator=gen, dtype=F64)).float().contiguous()
+        for k, v in t_params.items()
+    }
+    fitted = FitResult(start, torch.zeros(1), torch.zeros(1), ["max_epochs"], 7, pd.DataFrame())
+    polish = FitHparams(optimizer="lm", max_epochs=200, tolerance=0.0)
+    h = ExpandHparams(students=1, rho=1, dtype="float32", polish=polish)
+    result = students_module.polish_students(teacher, fitted, data, h)
+    assert all(v.dtype == F64 for v in result.params.values())
+    relative = result.train_loss / (data.y**2).mean()
+    assert float(relative.max()) < 1e-28, relative  # round-off: <= 2e-31 over 60 draws
+    torch.testing.assert_close(
+        result.train_loss, students_module.per_network_mse(teacher, result.params, data.x, data.y)
+    )
+    assert result.epochs > 7 and result.epochs == int(result.history.epoch.max())
