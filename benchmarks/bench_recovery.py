@@ -190,7 +190,7 @@ def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None)
             _, layers = compare(chain, params, rec.chain, rec.params)
             table = recovery_table(
                 name, layers, students.test_loss, float(rec.finetune.test_loss[0])
-            ).assign(error="")
+            ).assign(error="", clustered=len(rec.clustered))
         except RecoveryFailed as err:
             table = _failed(name, chain, students, err)
         tables.append(
@@ -565,7 +565,9 @@ def main() -> None:
     parser.add_argument(
         "--ablation-problems", type=int, default=24, help="problems for ours minus each addition"
     )
-    parser.add_argument("--rules", nargs="+", default=None, help="family/deep rules (default: all)")
+    parser.add_argument(
+        "--rules", nargs="+", default=None, help="family/ablation rules (default: all)"
+    )
     parser.add_argument("--deep-rules", nargs="+", default=["pipeline", "published"])
     parser.add_argument("--deep-only", nargs="+", default=None, help="deep name prefixes")
     parser.add_argument(
@@ -599,6 +601,7 @@ def main() -> None:
         if "ablation" in args.parts:
             print(f"ablation ({args.ablation_problems} problems of the family, 1 thread):")
             minus = [k for k in rules() if k.startswith("pipeline - ")]
+            minus = [k for k in minus if args.rules is None or k in args.rules]
             family(args.ablation_problems, args.out, minus, "family_ablation")
         if "deep" in args.parts:
             print(f"deep family ({args.seeds} seeds per shape, 1 thread):")

@@ -131,7 +131,7 @@ def test_toy_teachers_are_recovered(name):
         "merged",
     }
     for layer, width in zip(chain.layers[: chain.depth], chain.widths, strict=True):
-        assert table[table.layer == layer]["size"].sum() == STUDENTS.students * 4 * width
+        assert table[table.layer == layer]["size"].sum() == len(rec.clustered) * 4 * width
 
 
 @pytest.mark.parametrize("name", _marked(["relu-10d-4", "tanh-10-4-3-s11"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,7 @@ from pipeline.recovery.cluster import (
     ClusterHparams,
     cluster_layer,
     condensed_distances,
+    converged_students,
     cut,
     symmetry_of,
 )
@@ -697,3 +699,75 @@ def test_a_float32_fit_ends_in_a_float64_polish(activation, width, d_in, seed):
         result.train_loss, students_module.per_network_mse(teacher, result.params, data.x, data.y)
     )
     assert result.epochs > 7 and result.epochs == int(result.history.epoch.max())
+
+
+def _embedded(teacher: dict, width: int, gen: torch.Generator, noise: float) -> dict:
+    """A student of ``width`` hidden neurons holding ``teacher``'s (a stack of one, one hidden
+    layer) with relative noise ``noise``, at random positions; the others are random neurons
+    with zero outgoing weights (leftovers that change nothing)."""
+    w, b = teacher["fc1.weight"][0], teacher["fc1.bias"][0]
+    a, c = teacher["out.weight"][0], teacher["out.bias"][0]
+    r, d = w.shape
+    pos = torch.randperm(width, generator=gen)[:r]
+    weight = torch.randn(width, d, generator=gen, dtype=F64)
+    bias = torch.randn(width, generator=gen, dtype=F64)
+    out = torch.zeros(a.shape[0], width, dtype=F64)
+    weight[pos] = w * (1 + noise * torch.randn(r, d, generator=gen, dtype=F64))
+    bias[pos] = b * (1 + noise * torch.randn(r, generator=gen, dtype=F64))
+    out[:, pos] = a
+    return {"fc1.weight": weight, "fc1.bias": bias, "out.weight": out, "out.bias": c.clone()}
+
+
+@settings(max_examples=examples(ci=4, thorough=40), deadline=None)
+@given(
+    activation=st.sampled_from(["tanh", "sigmoid", "relu", "softplus"]),
+    width=st.integers(2, 4),
+    d_in=st.integers(5, 8),
+    converged=st.integers(3, 4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_students_stuck_far_above_the_best_do_not_outvote_the_converged(
+    activation, width, d_in, converged, seed
+):
+    """Ten students 4x wider than a one-hidden-layer teacher: ``converged`` (3-4) hold the
+    teacher's neurons (relative noise 1e-8), the other 6-7 share another network's neurons (a
+    local minimum, noise 1e-4), at a loss of order mean(y^2); the rest of each student is random
+    neurons with no outgoing weight. Pooled, the stuck students make that network's clusters
+    and outnumber the teacher's (support 3-4 < floor(gamma N) = 5): the collapse is the local
+    minimum. The converged students (within 100x of the best, at least four) are clustered
+    too, and the reconstruction kept is the teacher to round-off."""
+    teacher_spec = ToyTeacher(d_in, (width,), activation, min_angle=30, min_outgoing=0.5)
+    chain, teacher = make_toy_teacher(replace(teacher_spec, seed=seed % 10_000))
+    _, local = make_toy_teacher(replace(teacher_spec, seed=seed % 10_000 + 1))
+    data = toy_data(chain, teacher, n=400, seed=seed % 1000)
+    gen = torch.Generator().manual_seed(seed)
+    nets = [_embedded(teacher, 4 * width, gen, 1e-8) for _ in range(converged)]
+    nets += [_embedded(local, 4 * width, gen, 1e-4) for _ in range(10 - converged)]
+    order = torch.randperm(10, generator=gen).tolist()
+    s_chain = Chain(d_in, (4 * width,), chain.outputs, activation)
+    params = stack([nets[i] for i in order])
+    with torch.no_grad():
+        loss = ((forward(s_chain, params, data.x) - data.y) ** 2).mean(dim=(1, 2))
+        test = ((forward(s_chain, params, data.x_test) - data.y_test) ** 2).mean(dim=(1, 2))
+    scale = float((data.y**2).mean())
+    assert float(loss.max()) > 1e-4 * scale and float(loss.min()) < 1e-12 * scale
+    students = FitResult(params, loss, test, ["converged"] * 10, 0, pd.DataFrame())
+    h = ClusterHparams()
+    chosen = converged_students(loss, h)
+    assert {order.index(i) for i in range(converged)} <= set(chosen.tolist())
+    assert len(chosen) == 4
+
+    def farthest(chain_b, params_b):
+        neurons, _ = compare(chain, teacher, chain_b, params_b)
+        return float(neurons[neurons.kind == "teacher"].d_w.max())
+
+    rec = reconstruct(s_chain, students, data, h)
+    assert rec.widths == chain.widths, rec.clusters
+    assert farthest(rec.chain, rec.params) < 1e-12
+    # pooled, the clusters are the local minimum's (the final fit may still find the teacher
+    # from there on a problem this small, so the collapse is what is compared; the four
+    # students' collapse can hold a random pair of leftovers, which support two admits, and
+    # lose a neuron to it, which the final fit repairs)
+    pooled = reconstruct(s_chain, students, data, replace(h, converged=None))
+    assert pooled.clustered == tuple(range(10))
+    assert farthest(pooled.collapsed_chain, pooled.before_finetune) > 1e-3, pooled.clusters

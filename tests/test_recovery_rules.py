@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.cluster.hierarchy import average, fcluster
 from scipy.spatial.distance import pdist
+from strategies import examples
 
 from pipeline.config import ConfigError
 from pipeline.recovery.cluster import (
@@ -21,6 +24,7 @@ from pipeline.recovery.cluster import (
     DEEP_FINETUNE,
     ClusterHparams,
     cluster_layer,
+    converged_students,
     preset,
     symmetry_of,
     without,
@@ -219,3 +223,31 @@ def test_the_schema_documents_the_defaults():
     assert default.finetune == DEEP_FINETUNE
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     assert "finetune" not in config["studies"]["recovery"]["cluster"]
+
+
+@settings(max_examples=examples(ci=30, thorough=300), deadline=None)
+@given(
+    exponents=st.lists(st.floats(-30, 0), min_size=4, max_size=20),
+    diverged=st.integers(0, 2),
+    gamma=st.floats(0.1, 1.0),
+    factor=st.one_of(st.none(), st.floats(1.0, 1e6)),
+)
+def test_the_converged_students_are_those_near_the_best(exponents, diverged, gamma, factor):
+    """Step 0: the students within ``converged`` x the best loss, in their order, and never
+    fewer than the best n with floor(gamma n) >= 2 (diverged ones, NaN, last); all with None."""
+    loss = torch.tensor([10.0**e for e in exponents] + [math.nan] * diverged, dtype=F64)
+    h = replace(ClusterHparams(), gamma=gamma, converged=factor)
+    chosen = converged_students(loss, h).tolist()
+    n = len(loss)
+    assert chosen == sorted(set(chosen)) and all(0 <= i < n for i in chosen)
+    if factor is None:
+        assert chosen == list(range(n))
+        return
+    best = float(loss.nan_to_num(math.inf).min())
+    within = {i for i in range(n) if float(loss[i]) <= factor * best}
+    assert within <= set(chosen)
+    least = next((k for k in range(2, n + 1) if math.floor(gamma * k) >= 2), n)
+    assert len(chosen) == max(len(within), least)
+    # what is added beyond the factor is the next best, never a diverged one before a finite one
+    ranked = sorted(range(n), key=lambda i: (math.isnan(float(loss[i])), float(loss[i])))
+    assert set(chosen) == set(ranked[: len(chosen)])

@@ -1,5 +1,20 @@
 """Cluster one hidden layer of N trained students (Expand-and-Cluster, steps 1-4).
 
+0. *Converged students* (ours, ``converged``): the students whose training loss is within
+   ``converged`` x the best student's (and at least the best ``n`` with ``floor(gamma n) >=
+   2``, so that a cluster still needs two students: four at gamma 0.5). A student at the
+   teacher's function holds every teacher neuron (exactly, up to its symmetries, duplicates
+   and leftover neurons that cancel); one stuck orders of magnitude above the best is at
+   another point of the loss surface, whose neurons approximate the teacher's at best.
+   Counted as evidence, such students can outvote the few that converged: their
+   approximations spread the real clusters and their shared local-minimum neurons make
+   spurious ones (measured on three-layer tanh teachers: 3 of 10 students at 1e-7 of the loss
+   and 7 at 1e-4; layer 1 is wrong from all ten, every layer at round-off from the best four).
+   But two or three converged students are weak evidence too (relu teachers, where a stuck
+   student still holds most neurons well), so where the selection leaves students out both
+   sets are reconstructed and the data decide (:func:`pipeline.recovery.collapse.reconstruct`).
+   Published: every student, once.
+
 Per hidden layer, with ``v_i = [w_i; b_i]`` the incoming vector of neuron ``i`` (all N
 students' neurons pooled, ``M = N x width``) and ``a_i`` its outgoing vector:
 
@@ -102,6 +117,7 @@ PUBLISHED = {
     "cut": "highest",  # ... and the tree is cut at the last height of the first maximal run
     "distinct": False,  # 2.4 step 3: any two clusters may merge
     "fragments": False,  # 2.4 steps 5-6: kept clusters are collapsed as they are
+    "converged": None,  # 2.4 step 4: every student's neurons are pooled
     "winners": 5,  # 2.4 step 6: the best of the 5 best students owning a member (else dropped)
     "twins": False,  # 2.4 steps 9-10: the finetuned net is the result ...
     "min_nonlinearity": 0.0,  # ... no neuron is pruned after clustering
@@ -118,6 +134,11 @@ PUBLISHED_FIT = FitHparams(lr=1e-4, max_epochs=5000, batch_size=512)
 
 # Our additions to the published rule: name -> (the settings that switch it off, rationale).
 ADDITIONS = {
+    "converged_students": (
+        {"converged": None},
+        "a student stuck far above the best holds approximations, not the teacher's neurons; "
+        "counted, they blur and outvote the converged students' clusters",
+    ),
     "sign_by_distance": (
         {"sign": "coordinate"},
         "min(|u-u'|, |u+u'|) quotients the sign out; a canonical coordinate near 0 flips copies "
@@ -204,6 +225,7 @@ class ClusterHparams:
     rule: str = "pipeline"
     gamma: float = 0.5
     beta: float = 30.0  # degrees
+    converged: float | None = 100.0  # cluster students within this factor of the best loss
     sign: str = "distance"  # distance (sign-invariant distance) | coordinate (published)
     support: str = "students"  # students (distinct owners) | members (the published count)
     tight_count: bool = True  # the cut counts only clusters formed below beta (unit vectors)
@@ -251,6 +273,8 @@ class ClusterHparams:
                 )
         if self.winners < 0:
             raise ValueError(f"{where}.winners: {self.winners} < 0")
+        if self.converged is not None and not self.converged >= 1:
+            raise ValueError(f"{where}.converged: {self.converged} < 1 (null: every student)")
         return self
 
 
@@ -297,6 +321,20 @@ def without(addition: str, base: ClusterHparams | None = None) -> ClusterHparams
     if addition not in ADDITIONS:
         raise ValueError(f"unknown addition {addition!r}; known: {', '.join(ADDITIONS)}")
     return replace(base or ClusterHparams(), **ADDITIONS[addition][0])
+
+
+def converged_students(train_loss: torch.Tensor, h: ClusterHparams) -> np.ndarray:
+    """Step 0: the students to cluster, as indices into ``train_loss [N]`` in their order:
+    those within ``h.converged`` x the best loss (every one with ``converged: None``), and at
+    least the best ``n`` (diverged ones last) with ``floor(gamma n) >= 2``."""
+    loss = torch.nan_to_num(train_loss.detach().double().cpu(), nan=math.inf)
+    n = len(loss)
+    if h.converged is None:
+        return np.arange(n)
+    rank = torch.argsort(loss, stable=True)
+    within = int((loss <= h.converged * loss[rank[0]]).sum())
+    least = next((k for k in range(2, n + 1) if math.floor(h.gamma * k) >= 2), n)
+    return np.sort(rank[: max(within, least)].numpy())
 
 
 # -- canonicalisation and distances -----------------------------------------------------------

@@ -91,6 +91,7 @@ from pipeline.recovery.cluster import (
     canonical,
     chord,
     cluster_layer,
+    converged_students,
     symmetry_of,
 )
 from pipeline.recovery.students import FitHparams, FitResult, fit
@@ -259,6 +260,7 @@ class Reconstruction:
     before_finetune: dict  # ... and its parameters
     finetune: FitResult
     student_fits: list[FitResult]  # the students' finetuning after each non-final layer
+    clustered: tuple[int, ...] = ()  # the students clustered (converged_students), by index
 
 
 def reconstruct(
@@ -272,7 +274,43 @@ def reconstruct(
     """Cluster the trained ``students`` (of architecture ``chain``, any float dtype) layer by
     layer into one network and finetune it, in the probe data's dtype; ``students_polish``:
     the polish the students had after their fit (``ExpandHparams.polish``), if any; see the
-    module docstring."""
+    module docstring.
+
+    The converged students (:func:`pipeline.recovery.cluster.converged_students`) are
+    clustered, and, where that leaves students out, all of them too: which evidence is right
+    is not known beforehand (a few converged students are weak evidence at a support of two,
+    many stuck ones can outvote them), so the data decide. Of the two reconstructions, the
+    narrowest of those whose training loss is within ``redundant_factor`` of the lower one (or
+    of round-off) is kept, the lower loss breaking ties: the teacher is the smallest network
+    that fits the data (the rule of :func:`prune_redundant`)."""
+    chosen = converged_students(students.train_loss, h)
+    sets = [chosen] if len(chosen) == len(students.train_loss) else [chosen, None]
+    results, failure = [], None
+    for index in sets:
+        index = np.arange(len(students.train_loss)) if index is None else index
+        try:
+            results.append(_reconstruct(chain, students, index, data, h, seed, students_polish))
+        except RecoveryFailed as err:
+            failure = failure or err
+    if not results:
+        raise failure
+    loss = [float(torch.nan_to_num(r.finetune.train_loss[0], nan=math.inf)) for r in results]
+    limit = h.redundant_factor * max(min(loss), 1e-14 * float(data.y.var()))
+    fits = [(sum(r.widths), ell, k) for k, (r, ell) in enumerate(zip(results, loss, strict=True))]
+    return results[min(f for f in fits if f[1] <= limit)[2]]
+
+
+def _reconstruct(
+    chain: Chain,
+    students: FitResult,
+    clustered: np.ndarray,
+    data: ProbeData,
+    h: ClusterHparams,
+    seed: int,
+    students_polish: FitHparams | None,
+) -> Reconstruction:
+    """:func:`reconstruct` from the students ``clustered`` (indices into ``students``)."""
+    students = students.select(clustered)
     refit = h.finetune
     if h.refit_as_students and students_polish is not None:
         refit = students_polish
@@ -309,7 +347,7 @@ def reconstruct(
             _, _, centres = merged_outgoing(chain, params, layer, clusters, symmetry)
             score = nonlinearity(chain, params, layer, int(rank[0]), centres, data.x[:8192])
             drop_linear(clusters, score, linear_below)
-        tables.append(clusters.table)
+        tables.append(clusters.table.assign(winner=clustered[clusters.table.winner]))
         if not clusters.members:
             raise RecoveryFailed(
                 f"layer {name}: no cluster survived (gamma={h.gamma}, beta={h.beta})",
@@ -357,7 +395,15 @@ def reconstruct(
         # converged, a neuron may show as two copies the pruning kept (each too strong to try)
         net_chain, final = _fold_twins(net_chain, final, data, h, symmetry, seed, table, True)
     return Reconstruction(
-        net_chain, final.params, net_chain.widths, table, collapsed, before, final, fits
+        net_chain,
+        final.params,
+        net_chain.widths,
+        table,
+        collapsed,
+        before,
+        final,
+        fits,
+        tuple(clustered.tolist()),
     )
 
 

@@ -136,6 +136,19 @@ class FitResult:
         loss = torch.nan_to_num(self.train_loss, nan=math.inf)
         return torch.argsort(loss, stable=True)
 
+    def select(self, index) -> FitResult:
+        """The networks ``index`` (a sequence of positions), in that order; no history."""
+        index = [int(i) for i in index]
+        pick = torch.tensor(index, dtype=torch.long)
+        return FitResult(
+            {k: v[pick.to(v.device)] for k, v in self.params.items()},
+            self.train_loss[pick.to(self.train_loss.device)],
+            self.test_loss[pick.to(self.test_loss.device)],
+            [self.status[i] for i in index],
+            self.epochs,
+            pd.DataFrame(),
+        )
+
 
 class StackedAdam:
     """Adam on a ``[N, P]`` buffer with a learning rate per row (torch.optim.Adam's update)."""

@@ -152,7 +152,8 @@ def run_cluster(
     """Reconstruct from the students in ``students_dir`` (in float64, whatever the students'
     dtype; ``expand``: the block they were trained by, whose ``polish`` the refit between
     layers follows): ``reconstruction.pt``, ``clusters.parquet``, ``neurons.parquet``,
-    ``recovery.parquet`` and ``finetune_history.parquet`` in ``out_dir``. A failed
+    ``recovery.parquet`` (with the number of students clustered, ``cluster.converged``) and
+    ``finetune_history.parquet`` in ``out_dir``. A failed
     reconstruction (no neuron of a layer survives) is recorded, not raised: its recovery row
     says so."""
     torch.set_num_threads(threads)
@@ -210,7 +211,7 @@ def run_cluster(
     neurons, layers = compare(t_chain, t_params, rec.chain, rec.params, mask)
     table = recovery_table(
         problem, layers, students.test_loss, float(rec.finetune.test_loss[0]), tolerance
-    )
+    ).assign(clustered_students=len(rec.clustered))
     save_network(out / "reconstruction.pt", rec.chain, rec.params)
     io.write_parquet(out / "clusters.parquet", rec.clusters)
     io.write_parquet(out / "neurons.parquet", neurons.assign(problem=problem))
