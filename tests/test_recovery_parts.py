@@ -721,7 +721,7 @@ def _embedded(teacher: dict, width: int, gen: torch.Generator, noise: float) -> 
 @settings(max_examples=examples(ci=4, thorough=40), deadline=None)
 @given(
     activation=st.sampled_from(["tanh", "sigmoid", "relu", "softplus"]),
-    width=st.integers(2, 4),
+    width=st.integers(2, 3),
     d_in=st.integers(5, 8),
     converged=st.integers(3, 4),
     seed=st.integers(0, 2**31 - 1),
