@@ -11,8 +11,9 @@
    spurious ones (measured on three-layer tanh teachers: 3 of 10 students at 1e-7 of the loss
    and 7 at 1e-4; layer 1 is wrong from all ten, every layer at round-off from the best four).
    But two or three converged students are weak evidence too (relu teachers, where a stuck
-   student still holds most neurons well), so where the selection leaves students out both
-   sets are reconstructed and the data decide (:func:`pipeline.recovery.collapse.reconstruct`).
+   student still holds most neurons well), so they are clustered only where all the students'
+   reconstruction does not fit the data to round-off, and the data decide between the two
+   (:func:`pipeline.recovery.collapse.reconstruct`).
    Published: every student, once.
 
 Per hidden layer, with ``v_i = [w_i; b_i]`` the incoming vector of neuron ``i`` (all N

@@ -276,28 +276,37 @@ def reconstruct(
     the polish the students had after their fit (``ExpandHparams.polish``), if any; see the
     module docstring.
 
-    The converged students (:func:`pipeline.recovery.cluster.converged_students`) are
-    clustered, and, where that leaves students out, all of them too: which evidence is right
-    is not known beforehand (a few converged students are weak evidence at a support of two,
-    many stuck ones can outvote them), so the data decide. Of the two reconstructions, the
-    narrowest of those whose training loss is within ``redundant_factor`` of the lower one (or
-    of round-off) is kept, the lower loss breaking ties: the teacher is the smallest network
-    that fits the data (the rule of :func:`prune_redundant`)."""
+    All the students are clustered; if that reconstruction does not fit the probe data to
+    round-off (training loss above ``redundant_factor`` x 1e-14 var(y)), or fails, and the
+    converged students (:func:`pipeline.recovery.cluster.converged_students`) are fewer, they
+    are clustered too. Which evidence is right is not known beforehand (many stuck students can
+    outvote the converged ones, and a few converged students are weak evidence at a support of
+    two), so the data decide: a fit at round-off is the teacher's function on the data, and of
+    two reconstructions the narrowest of those whose training loss is within
+    ``redundant_factor`` of the lower one (or of round-off) is kept, the lower loss breaking
+    ties (the teacher is the smallest network that fits the data, as in
+    :func:`prune_redundant`)."""
+    n = len(students.train_loss)
+    round_off = 1e-14 * float(data.y.var())
     chosen = converged_students(students.train_loss, h)
-    sets = [chosen] if len(chosen) == len(students.train_loss) else [chosen, None]
     results, failure = [], None
-    for index in sets:
-        index = np.arange(len(students.train_loss)) if index is None else index
+    for index in (np.arange(n), chosen):
         try:
             results.append(_reconstruct(chain, students, index, data, h, seed, students_polish))
         except RecoveryFailed as err:
             failure = failure or err
+        if len(chosen) == n or (results and _loss(results[0]) <= h.redundant_factor * round_off):
+            break
     if not results:
         raise failure
-    loss = [float(torch.nan_to_num(r.finetune.train_loss[0], nan=math.inf)) for r in results]
-    limit = h.redundant_factor * max(min(loss), 1e-14 * float(data.y.var()))
+    loss = [_loss(r) for r in results]
+    limit = h.redundant_factor * max(min(loss), round_off)
     fits = [(sum(r.widths), ell, k) for k, (r, ell) in enumerate(zip(results, loss, strict=True))]
     return results[min(f for f in fits if f[1] <= limit)[2]]
+
+
+def _loss(rec: Reconstruction) -> float:
+    return float(torch.nan_to_num(rec.finetune.train_loss[0], nan=math.inf))
 
 
 def _reconstruct(
