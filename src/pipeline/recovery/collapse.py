@@ -287,7 +287,6 @@ def reconstruct(
     ties (the teacher is the smallest network that fits the data, as in
     :func:`prune_redundant`)."""
     n = len(students.train_loss)
-    round_off = 1e-14 * float(data.y.var())
     chosen = converged_students(students.train_loss, h)
     results, failure = [], None
     for index in (np.arange(n), chosen):
@@ -295,12 +294,12 @@ def reconstruct(
             results.append(_reconstruct(chain, students, index, data, h, seed, students_polish))
         except RecoveryFailed as err:
             failure = failure or err
-        if len(chosen) == n or (results and _loss(results[0]) <= h.redundant_factor * round_off):
+        if len(chosen) == n or (results and _loss(results[0]) <= _fit_limit(0.0, data, h)):
             break
     if not results:
         raise failure
     loss = [_loss(r) for r in results]
-    limit = h.redundant_factor * max(min(loss), round_off)
+    limit = _fit_limit(min(loss), data, h)
     fits = [(sum(r.widths), ell, k) for k, (r, ell) in enumerate(zip(results, loss, strict=True))]
     return results[min(f for f in fits if f[1] <= limit)[2]]
 
@@ -732,7 +731,13 @@ def _polished(chain: Chain, result: FitResult, data: ProbeData, h, seed: int) ->
 def _removal_limit(final: FitResult, data: ProbeData, h: ClusterHparams) -> float:
     """The training loss a refit without some neurons may reach for their removal to stand:
     within ``redundant_factor`` of the loss with them (or of round-off)."""
-    return h.redundant_factor * max(float(final.train_loss[0]), 1e-14 * float(data.y.var()))
+    return _fit_limit(float(final.train_loss[0]), data, h)
+
+
+def _fit_limit(loss: float, data: ProbeData, h: ClusterHparams) -> float:
+    """The training loss a fit may reach and count as fitting as well as one at ``loss``:
+    ``redundant_factor`` x ``loss``, or x round-off (1e-14 var(y)) where ``loss`` is below it."""
+    return h.redundant_factor * max(loss, 1e-14 * float(data.y.var()))
 
 
 def _mark_weak(
