@@ -42,8 +42,10 @@ problem with every rule, a deep problem about as much).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,25 +137,28 @@ def _failed(name: str, chain: Chain, students, err: Exception) -> pd.DataFrame:
 
 def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
     """The trained students of a problem (deterministic on the CPU, so cached in ``cache``
-    and shared by the runs of every part; the Adam stage's cache serves its polish too):
-    ``(chain, result, CPU seconds of the training)``. The cache holds tensors, lists and
-    numbers only (``weights_only`` loads); the students' history is not kept."""
+    and shared by the runs of every part): ``(chain, result, CPU seconds of the training)``.
+    The Adam stage is cached on its own and serves every polish; a polished set's file names
+    its polish settings by a digest (another ``DEEP_POLISH``, another file). The cache holds
+    tensors, lists and numbers only (``weights_only`` loads); the students' history is not
+    kept."""
     s_chain = student_chain(chain, expand.rho)
-    adam = cache / f"{name}-{expand.dtype}.pt" if cache else None
     if expand.polish is None:
-        path = adam
+        path = cache / f"{name}-{expand.dtype}.pt" if cache else None
     else:
-        path = cache / f"{name}-{expand.dtype}-polish-{expand.polish_dtype}.pt" if cache else None
+        digest = hashlib.sha1(json.dumps(asdict(expand.polish), sort_keys=True).encode())
+        tag = f"polish-{expand.polish_dtype}-{digest.hexdigest()[:8]}"
+        path = cache / f"{name}-{expand.dtype}-{tag}.pt" if cache else None
     if path is not None and path.exists():
         students, seconds = _load_students(path)
         return s_chain, students, seconds
-    t0 = time.process_time()
-    if expand.polish is not None and adam is not None and adam.exists():
-        students, seconds = _load_students(adam)
-        students = polish_students(s_chain, students, data, expand)  # as train_students does
+    if expand.polish is not None:  # as train_students does: the fit, then its polish
+        _, students, seconds = students_of(name, chain, data, replace(expand, polish=None), cache)
+        t0 = time.process_time()
+        students = polish_students(s_chain, students, data, expand)
     else:
+        t0, seconds = time.process_time(), 0.0
         s_chain, students = train_students(chain, data, expand)
-        seconds = 0.0
     seconds += time.process_time() - t0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

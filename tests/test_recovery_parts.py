@@ -771,3 +771,77 @@ def test_students_stuck_far_above_the_best_do_not_outvote_the_converged(
     pooled = reconstruct(s_chain, students, data, replace(h, converged=None))
     assert pooled.clustered == tuple(range(10))
     assert farthest(pooled.collapsed_chain, pooled.before_finetune) > 1e-3, pooled.clusters
+
+
+def _lbfgs(chain, params, data, **h) -> FitResult:
+    """The stacked L-BFGS on ``params`` (whatever their number; ``fit`` hands one network to
+    torch's L-BFGS instead)."""
+    h = FitHparams(optimizer="lbfgs", lr=1.0, log_every=1, **h)
+    return students_module._fit_lbfgs_stack(chain, params, data, h, None, None)
+
+
+@settings(max_examples=examples(ci=6, thorough=60), deadline=None)
+@given(
+    activation=st.sampled_from(["tanh", "sigmoid", "relu", "softplus"]),
+    widths=st.lists(st.integers(2, 6), min_size=1, max_size=3),
+    d_in=st.integers(2, 8),
+    count=st.integers(2, 5),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_stacked_lbfgs_fits_each_network_as_it_would_alone(activation, widths, d_in, count, seed):
+    """The stacked L-BFGS is ``count`` independent fits run in one pass: each network's
+    parameters after 8 iterations equal those of its fit as a stack of one (each trial of the
+    line search evaluates only the networks still searching, so none waits for another), to
+    the rounding that the other networks' GEMM shapes change, which the iterations amplify
+    (<= 8e-11 over 120 draws)."""
+    teacher, t_params = make_toy_teacher(ToyTeacher(d_in, tuple(widths), activation, seed=seed))
+    data = toy_data(teacher, t_params, 200, seed)
+    student = teacher.with_widths(2 * w for w in widths)
+    params = init_stack(student, count, seed=seed % 1000, dtype=F64)
+    together = _lbfgs(student, params, data, max_epochs=8)
+    for n in range(count):
+        alone = _lbfgs(student, stack([member(params, n)]), data, max_epochs=8)
+        for k, v in alone.params.items():
+            torch.testing.assert_close(together.params[k][n : n + 1], v, rtol=1e-8, atol=1e-8)
+        assert together.status[n] == alone.status[0]
+
+
+@settings(max_examples=examples(ci=6, thorough=60), deadline=None)
+@given(
+    activation=st.sampled_from(["tanh", "sigmoid", "softplus"]),
+    width=st.integers(2, 5),
+    d_in=st.integers(2, 8),
+    behind=st.sampled_from([10.0, 100.0, 1000.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_network_far_behind_the_best_stops_where_it_falls_behind(
+    activation, width, d_in, behind, seed
+):
+    """``behind``: a network whose loss is above ``behind`` x the best network's stops. The
+    teacher moved by 1e-3 (its loss falls fast) and a random network of the same shape are
+    fitted together: the random one ends with status ``behind`` and the parameters of its own
+    fit run for exactly the iterations after which, by the two solo fits' loss histories, its
+    loss is first above ``behind`` x the teacher's (that the others' paths are their own is
+    the test above)."""
+    teacher, t_params = make_toy_teacher(ToyTeacher(d_in, (width,), activation, seed=seed))
+    data = toy_data(teacher, t_params, 200, seed)
+    gen = torch.Generator().manual_seed(seed)
+    near = {
+        k: v + 1e-3 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in t_params.items()
+    }
+    far = init_stack(teacher, 1, seed=seed % 1000, dtype=F64)
+    both = stack([member(near, 0), member(far, 0)])
+    solo = [_lbfgs(teacher, p, data, max_epochs=200) for p in (near, far)]
+    losses = [r.history.set_index("epoch").loss for r in solo]
+    best = np.minimum(losses[0].reindex(losses[1].index).ffill(), losses[1])  # (stopped: kept)
+    gap = losses[1] > behind * best
+    together = _lbfgs(teacher, both, data, max_epochs=200, behind=behind)
+    if not gap.any():  # the random network kept up (then nothing stops it)
+        assert together.status[1] != "behind"
+        return
+    stop = int(gap.idxmax())
+    assert together.status[1] == "behind"
+    at_stop = _lbfgs(teacher, far, data, max_epochs=stop)
+    for k, v in at_stop.params.items():
+        torch.testing.assert_close(together.params[k][1:], v, rtol=1e-8, atol=1e-8)
+    assert together.status[0] != "behind" and stop <= together.epochs
