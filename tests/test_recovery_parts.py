@@ -773,6 +773,9 @@ def test_students_stuck_far_above_the_best_do_not_outvote_the_converged(
     assert farthest(pooled.collapsed_chain, pooled.before_finetune) > 1e-3, pooled.clusters
 
 
+LBFGS8 = {"optimizer": "lbfgs", "lr": 1.0, "max_epochs": 8, "log_every": 4}
+
+
 def _lbfgs(chain, params, data, **h) -> FitResult:
     """The stacked L-BFGS on ``params`` (whatever their number; ``fit`` hands one network to
     torch's L-BFGS instead)."""
@@ -804,6 +807,11 @@ def test_stacked_lbfgs_fits_each_network_as_it_would_alone(activation, widths, d
         for k, v in alone.params.items():
             torch.testing.assert_close(together.params[k][n : n + 1], v, rtol=1e-8, atol=1e-8)
         assert together.status[n] == alone.status[0]
+    # one history row per network and logged iteration (the last one too, once)
+    single = fit(student, stack([member(params, 0)]), data, replace(FitHparams(), **LBFGS8))
+    for result in (together, single):
+        assert not result.history.duplicated(["epoch", "student"]).any(), result.history
+        assert int(result.history.epoch.max()) == result.epochs
 
 
 @settings(max_examples=examples(ci=6, thorough=60), deadline=None)

@@ -559,7 +559,8 @@ def _fit_lbfgs(
             status = "converged"
             break
         previous = loss
-    rows.append(_log_rows(chain, flat, data, done, torch.tensor([loss]), torch.tensor([h.lr])))
+    if not rows or rows[-1][0, 0] != done:  # the last iteration, unless logged in the loop
+        rows.append(_log_rows(chain, flat, data, done, torch.tensor([loss]), torch.tensor([h.lr])))
     final = {k: v.detach().clone() for k, v in unflatten(chain, flat.detach()).items()}
     return FitResult(
         final,
@@ -733,7 +734,7 @@ def _fit_lbfgs_stack(
             rows.append(_log_rows(chain, flat, data, done, f, torch.full_like(f, h.lr)))
         if not bool(active.any()):
             break
-    if done % h.log_every or not rows:  # (else logged in the loop)
+    if not rows or rows[-1][0, 0] != done:  # the last iteration, unless logged in the loop
         rows.append(_log_rows(chain, flat, data, done, f, torch.full_like(f, h.lr)))
     final = _snapshot(chain, flat)
     return FitResult(
