@@ -2,19 +2,19 @@
 
 1. ``family``: toy teachers with one hidden layer (2-10 inputs, 3-8 neurons, minimum angles
    between neurons drawn from 5-30 degrees; relu/tanh/sigmoid/softplus, sigmoid at gain 2;
-   rho = 4, N = 10, the embedded default's student settings). The same students of every
+   rho = 4, N = 10, the embedded default's student settings: Adam in float32, then the
+   L-BFGS polish ``expand.polish`` in float64). The same students of every
    problem are clustered by ``rule: published`` and by ``rule: pipeline`` (the paper: 80% at
    rho = 4), into ``OUT/family_rules.parquet``, and the figures ``OUT/family.{pdf,png}``,
    ``OUT/family_widths.{pdf,png}`` for the pipeline rule; ``ablation``: by the pipeline rule
    with each of its additions switched off, on the first ``--ablation-problems``, into
    ``OUT/family_ablation.parquet``: with the first two, the ablation table;
-   ``family-polished``: the same problems with the students polished by L-BFGS
-   (``students.DEEP_POLISH`` in ``expand.polish_dtype``, float64; from the cached Adam students)
-   into ``OUT/family_polished.parquet``.
+   ``family-adam``: the same problems with the Adam students alone (no ``expand.polish``; the
+   default of before) into ``OUT/family_adam.parquet``.
 2. ``deep``: teachers with two and three hidden layers (tanh and sigmoid at gain 2, relu),
    every neuron nonlinear on the inputs (``--deep-nonlinearity``, default 0.25; 0: the family
-   of before), students fitted by Adam in float32 and polished by L-BFGS in float64
-   (``students.DEEP_POLISH``, ``expand.polish_dtype``; ``--no-deep-polish``: Adam alone),
+   of before), the default's students (Adam in float32, the L-BFGS ``expand.polish`` in
+   float64; ``--no-deep-polish``: Adam alone),
    ``--seeds`` per shape (``--deep-only relu-``: those names only): the rate per layer and
    overall, per rule (``--deep-rules``), into ``OUT/deep.parquet`` (``--deep-shard I K``: K
    processes share the problems, each into ``OUT/deep-IofK.parquet``). Ours refits the
@@ -70,7 +70,6 @@ from pipeline.recovery.collapse import RecoveryFailed, reconstruct
 from pipeline.recovery.evaluate import compare, recovery_table
 from pipeline.recovery.plan import toy_family
 from pipeline.recovery.students import (
-    DEEP_POLISH,
     ExpandHparams,
     FitHparams,
     FitResult,
@@ -139,7 +138,7 @@ def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
     """The trained students of a problem (deterministic on the CPU, so cached in ``cache``
     and shared by the runs of every part): ``(chain, result, CPU seconds of the training)``.
     The Adam stage is cached on its own and serves every polish; a polished set's file names
-    its polish settings by a digest (another ``DEEP_POLISH``, another file). The cache holds
+    its polish settings by a digest (another ``expand.polish``, another file). The cache holds
     tensors, lists and numbers only (``weights_only`` loads); the students' history is not
     kept."""
     s_chain = student_chain(chain, expand.rho)
@@ -218,9 +217,9 @@ def expand_settings(dtype: str | None = None) -> ExpandHparams:
 
 
 def deep_expand() -> ExpandHparams:
-    """The deep family's students: the default's, polished by L-BFGS (``DEEP_POLISH``; none with
-    ``--no-deep-polish``, the students of before)."""
-    return replace(expand_settings(), polish=DEEP_POLISH if DEEP_POLISHED else None)
+    """The deep family's students: the default's (none of its polish with ``--no-deep-polish``,
+    the students of before)."""
+    return expand_settings() if DEEP_POLISHED else replace(expand_settings(), polish=None)
 
 
 DEEP_POLISHED = True
@@ -245,13 +244,13 @@ def solved_problems(path: Path) -> set:
 
 
 def family(
-    count: int, out: Path, chosen: list[str], table: str = "family_rules", polish: bool = False
+    count: int, out: Path, chosen: list[str], table: str = "family_rules", polish: bool = True
 ) -> None:
-    """``polish``: the students polished by L-BFGS (``DEEP_POLISH``, as the deep family's)."""
+    """``polish``: the default's students (``expand.polish``); ``False``: Adam's alone."""
     path = out / f"{table}.parquet"
     done = solved_problems(path)
     variants = {k: v for k, v in rules().items() if k in chosen}
-    expand = replace(expand_settings(), polish=DEEP_POLISH) if polish else expand_settings()
+    expand = expand_settings() if polish else replace(expand_settings(), polish=None)
     for name, spec in toy_problems(count).items():
         if name in done:
             continue
@@ -386,11 +385,11 @@ def summary(out: Path) -> None:
                     f"  pipeline failure {r.problem}: width {r.teacher_width} -> "
                     f"{r.inferred_width}, max d_w {r.max_d_w:.1e} {r.error}"
                 )
-    path = out / "family_polished.parquet"
+    path = out / "family_adam.parquet"
     if path.exists():
         table = io.read_parquet(path)
         per = table.groupby(["rule", "problem"], sort=False).recovered.all().reset_index()
-        print(f"\ntoy family, students polished by L-BFGS ({per.problem.nunique()} problems):")
+        print(f"\ntoy family, Adam students alone ({per.problem.nunique()} problems):")
         for rule, rows in per.groupby("rule", sort=False):
             acts = rows.merge(table[["problem", "activation"]].drop_duplicates("problem"))
             by_act = acts.groupby("activation").recovered.agg(["sum", "count"])
@@ -562,7 +561,7 @@ def main() -> None:
         "--parts",
         nargs="+",
         default=["family", "ablation", "deep", "dtype", "students", "speed"],
-        help="also: family-polished (the toy family with students polished by L-BFGS)",
+        help="also: family-adam (the toy family with the Adam students alone, no polish)",
     )
     parser.add_argument("--problems", type=int, default=24)
     parser.add_argument("--seeds", type=int, default=8)
@@ -599,10 +598,10 @@ def main() -> None:
         if "family" in args.parts:
             print(f"toy family ({args.problems} problems, 1 thread):")
             family(args.problems, args.out, args.rules or ["published", "pipeline"])
-        if "family-polished" in args.parts:
-            print(f"toy family, students polished by L-BFGS ({args.problems} problems, 1 thread):")
+        if "family-adam" in args.parts:
+            print(f"toy family, Adam students alone ({args.problems} problems, 1 thread):")
             chosen = args.rules or ["published", "pipeline"]
-            family(args.problems, args.out, chosen, "family_polished", polish=True)
+            family(args.problems, args.out, chosen, "family_adam", polish=False)
         if "ablation" in args.parts:
             print(f"ablation ({args.ablation_problems} problems of the family, 1 thread):")
             minus = [k for k in rules() if k.startswith("pipeline - ")]

@@ -115,16 +115,6 @@ class ExpandHparams:
         return h
 
 
-# the students' polish for deep teachers (``ExpandHparams.polish``): a stacked full-batch L-BFGS
-# from where Adam ended. Deep relu students left by Adam at 1e-4..1e-2 of the targets' variance
-# hold teacher neurons as fragments a few degrees apart and local-minimum directions, which
-# gamma N of them share; layer 1 then keeps them and layer 2's incoming vectors (on duplicated
-# or extra columns) are not identifiable. The deep benchmark and the deep relu test use it.
-# 8000 iterations with ``behind=1e3`` were measured on the three-layer tanh family: students fit
-# 10-100x better, yet 5/8 against 6/8 (README, recovery section), so not the default.
-DEEP_POLISH = FitHparams(optimizer="lbfgs", lr=1.0, max_epochs=2000, log_every=500)
-
-
 @dataclass
 class FitResult:
     params: dict  # stacked {name: [N, *shape]}
