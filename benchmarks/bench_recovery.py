@@ -211,15 +211,18 @@ def solve(name, spec, probes, expand: ExpandHparams, variants: dict, cache=None)
     return pd.concat(tables, ignore_index=True)
 
 
-def expand_settings(dtype: str | None = None) -> ExpandHparams:
+def expand_settings(dtype: str | None = None, polish: bool = True) -> ExpandHparams:
+    """The embedded default's students (``dtype``: in that dtype; ``polish=False``: without
+    ``expand.polish``, Adam's alone)."""
     h = ExpandHparams.from_dict(default_study()["expand"])
-    return replace(h, dtype=dtype) if dtype else h
+    h = replace(h, dtype=dtype) if dtype else h
+    return h if polish else replace(h, polish=None)
 
 
 def deep_expand() -> ExpandHparams:
     """The deep family's students: the default's (none of its polish with ``--no-deep-polish``,
     the students of before)."""
-    return expand_settings() if DEEP_POLISHED else replace(expand_settings(), polish=None)
+    return expand_settings(polish=DEEP_POLISHED)
 
 
 DEEP_POLISHED = True
@@ -250,7 +253,7 @@ def family(
     path = out / f"{table}.parquet"
     done = solved_problems(path)
     variants = {k: v for k, v in rules().items() if k in chosen}
-    expand = expand_settings() if polish else replace(expand_settings(), polish=None)
+    expand = expand_settings(polish=polish)
     for name, spec in toy_problems(count).items():
         if name in done:
             continue

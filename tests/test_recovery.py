@@ -80,7 +80,7 @@ def solved(name):
 
 
 def _marked(names):
-    """The deep teachers (a minute of CPU each, students and finetunes) are marked slow."""
+    """The deep teachers (2-4 CPU minutes each, students and finetunes) are marked slow."""
     return [
         pytest.param(n, marks=pytest.mark.slow) if len(TEACHERS[n][0].widths) > 1 else n
         for n in names
