@@ -1,123 +1,33 @@
-"""Expand-and-Cluster end to end on fixed-seed toy teachers, one and two hidden layers, at the
-embedded default's student and cluster settings: every layer's width and every neuron are
-recovered, the held-out error is no worse than the best student's, and moving every trained
-student by its own element of its symmetry group before clustering changes nothing."""
+"""Expand-and-Cluster end to end on fixed-seed toy teachers, one and two hidden layers (the
+10-4-3 tanh ones here, the 8-6-4 ones in ``test_recovery_deep.py``), at the embedded default's
+student and cluster settings: every layer's width and every neuron are recovered, the held-out
+error is no worse than the best student's, and moving every trained student by its own element
+of its symmetry group before clustering changes nothing."""
 
 from __future__ import annotations
-
-import functools
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-import yaml
+from recovery_cases import CLUSTER, STUDENTS, check_recovered, marked, solved
 
 from pipeline.models import build, neuron_structure
 from pipeline.recovery.chain import chain_of, forward, member, stack
-from pipeline.recovery.cluster import ClusterHparams
 from pipeline.recovery.collapse import reconstruct
-from pipeline.recovery.evaluate import compare, recovery_summary
-from pipeline.recovery.students import ExpandHparams, FitResult, train_students
-from pipeline.recovery.teachers import ToyTeacher, make_toy_teacher, probe_distribution
+from pipeline.recovery.evaluate import compare
+from pipeline.recovery.students import FitResult
 from pipeline.symmetry.actions import random_element
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDY = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())["studies"]["recovery"]
-STUDENTS = ExpandHparams.from_dict(STUDY["expand"])
-CLUSTER = ClusterHparams.from_dict(STUDY["cluster"])
 
-
-def _deep(widths, seed):
-    # gain 2 keeps the upper layers off tanh's linear part (at gain 1 their pre-activations
-    # are small and those layers nearly affine, hence not identifiable)
-    return ToyTeacher(
-        widths[0], widths[1:], "tanh", gain=2.0, min_angle=30, min_outgoing=0.5, seed=seed
-    )
-
-
-def _deep_relu(widths, seed):
-    # every neuron nonlinear on the inputs (an upper relu neuron dead or always active on the
-    # data is not identifiable)
-    return ToyTeacher(
-        widths[0],
-        widths[1:],
-        "relu",
-        gain=2.0,
-        min_angle=30,
-        min_outgoing=0.5,
-        min_nonlinearity=0.25,
-        seed=seed,
-    )
-
-
-# name -> (teacher, probe points); the deep teachers' 7-10 neurons need more points
-TEACHERS = {
-    "relu-10d-4": (ToyTeacher(10, (4,), "relu", min_angle=30, min_outgoing=0.5, seed=1), 500),
-    "tanh-10d-4": (ToyTeacher(10, (4,), "tanh", min_angle=30, min_outgoing=0.5, seed=1), 500),
-    **{
-        f"tanh-{'-'.join(map(str, w))}-s{seed}": (_deep(w, seed), 2000)
-        for w in ((10, 4, 3), (8, 6, 4))
-        for seed in (11, 12, 13)
-    },
-    # one deep relu teacher: seed 12 is recovered too (since the polish runs in float64; it
-    # was not with the float32 polish), seed 13 is not: its best polished student fits to
-    # 5e-4 of mean(y^2) and one layer-2 neuron comes out 0.08 off (README, recovery section)
-    "relu-8-6-4-s11": (_deep_relu((8, 6, 4), 11), 2000),
-}
-
-
-@functools.cache
-def solved(name):
-    """Teacher, probe data, trained students and their reconstruction (once per module)."""
-    torch.set_num_threads(1)
-    spec, probes = TEACHERS[name]
-    chain, params = make_toy_teacher(spec)
-    data = probe_distribution(chain, params, probes, 1000, seed=1)
-    s_chain, students = train_students(chain, data, STUDENTS)
-    rec = reconstruct(s_chain, students, data, CLUSTER, students_polish=STUDENTS.polish)
-    return chain, params, data, s_chain, students, rec
-
-
-def _marked(names):
-    """The deep teachers (2-4 CPU minutes each, students and finetunes) are marked slow."""
-    return [
-        pytest.param(n, marks=pytest.mark.slow) if len(TEACHERS[n][0].widths) > 1 else n
-        for n in names
-    ]
-
-
-@pytest.mark.parametrize("name", _marked(TEACHERS))
+@pytest.mark.parametrize(
+    "name",
+    marked(["relu-10d-4", "tanh-10d-4", "tanh-10-4-3-s11", "tanh-10-4-3-s12", "tanh-10-4-3-s13"]),
+)
 def test_toy_teachers_are_recovered(name):
-    chain, params, data, _, students, rec = solved(name)
-    neurons, layers = compare(chain, params, rec.chain, rec.params)
-    assert rec.widths == chain.widths, (name, rec.clusters)
-    teacher_rows = neurons[neurons.kind == "teacher"]
-    assert len(teacher_rows) == sum(chain.widths)
-    assert (teacher_rows.d_w < 1e-3).all(), teacher_rows
-    # one recovered neuron each, within each layer
-    assert (teacher_rows.groupby("layer", sort=False).match.nunique() == list(chain.widths)).all()
-    assert recovery_summary(layers)
-    held_out = float(rec.finetune.test_loss[0])
-    assert held_out <= 2 * float(students.test_loss.min()), (held_out, students.test_loss)
-    # every cluster is accounted for: kept ones are the recovered neurons, the rest say why
-    table = rec.clusters
-    assert (table.status == "kept").sum() == sum(rec.widths)
-    assert set(table.status) <= {
-        "kept",
-        "dropped_small",
-        "dropped_spread",
-        "dropped_unowned",
-        "dropped_linear",
-        "dropped_weak",
-        "dropped_redundant",
-        "merged",
-    }
-    for layer, width in zip(chain.layers[: chain.depth], chain.widths, strict=True):
-        assert table[table.layer == layer]["size"].sum() == len(rec.clustered) * 4 * width
+    check_recovered(name)
 
 
-@pytest.mark.parametrize("name", _marked(["relu-10d-4", "tanh-10-4-3-s11"]))
+@pytest.mark.parametrize("name", marked(["relu-10d-4", "tanh-10-4-3-s11"]))
 def test_moving_each_student_by_its_own_symmetry_changes_nothing(name):
     """Every trained student moved by its own random element of its group (a permutation of
     each layer's neurons, with positive scalings for relu and sign flips for tanh) computes the
