@@ -15,7 +15,8 @@
    every neuron nonlinear on the inputs (``--deep-nonlinearity``, default 0.25; 0: the family
    of before), the default's students (Adam in float32, the L-BFGS ``expand.polish`` in
    float64; ``--no-deep-polish``: Adam alone),
-   ``--seeds`` per shape (``--deep-only relu-``: those names only): the rate per layer and
+   ``--seeds`` per shape (``--deep-only relu-``: those names only), ``--deep-probes`` probe
+   points (2000 by default; the students cache names the count): the rate per layer and
    overall, per rule (``--deep-rules``), into ``OUT/deep.parquet`` (``--deep-shard I K``: K
    processes share the problems, each into ``OUT/deep-IofK.parquet``). Ours refits the
    polished students between layers by their polish (``cluster.refit_as_students``);
@@ -89,6 +90,11 @@ GAINS = {"sigmoid": 2.0}
 # upper layers are not identifiable); 0 draws the family of before
 NONLINEAR = 0.25
 DEEP_SHAPES = {"2 layers": [(6, 8), (3, 5)], "3 layers": [(6, 8), (4, 6), (3, 4)]}
+# probe points per shape (``--deep-probes``). The rho = 4 students hold 600-1000 parameters with
+# two hidden layers, 800-1600 with three: with 2000 points the three-layer students fit the
+# probes 5-10x closer than held-out points, with 8000 within 1.5x, yet recover no more teachers
+# (README, recovery section), at 4x the cost
+DEEP_PROBES = {"2 layers": 2000, "3 layers": 2000}
 
 
 def default_study() -> dict:
@@ -142,12 +148,13 @@ def students_of(name, chain, data, expand: ExpandHparams, cache: Path | None):
     tensors, lists and numbers only (``weights_only`` loads); the students' history is not
     kept."""
     s_chain = student_chain(chain, expand.rho)
+    stem = f"{name}-n{len(data.x)}-{expand.dtype}"  # another probe count, other students
     if expand.polish is None:
-        path = cache / f"{name}-{expand.dtype}.pt" if cache else None
+        path = cache / f"{stem}.pt" if cache else None
     else:
         digest = hashlib.sha1(json.dumps(asdict(expand.polish), sort_keys=True).encode())
         tag = f"polish-{expand.polish_dtype}-{digest.hexdigest()[:8]}"
-        path = cache / f"{name}-{expand.dtype}-{tag}.pt" if cache else None
+        path = cache / f"{stem}-{tag}.pt" if cache else None
     if path is not None and path.exists():
         students, seconds = _load_students(path)
         return s_chain, students, seconds
@@ -302,14 +309,15 @@ def deep(
     processes share the family; the students cache is shared, one file per problem)."""
     index, shards = shard
     path = out / ("deep.parquet" if shards == 1 else f"deep-{index}of{shards}.parquet")
-    done = set().union(*(solved_problems(p) for p in out.glob("deep*.parquet")))
+    done = set().union(*(_deep_solved(p) for p in out.glob("deep*.parquet")))
     variants = {k: v for k, v in rules().items() if k in chosen}
     for position, (name, (shape, spec)) in enumerate(deep_family(seeds).items()):
         wanted = not only or name.startswith(tuple(only))
-        if name in done or not wanted or position % shards != index:
+        if (name, DEEP_PROBES[shape]) in done or not wanted or position % shards != index:
             continue
-        table = solve(name, spec, 2000, deep_expand(), variants, out / "students")
-        table = table.assign(shape=shape)
+        probes = DEEP_PROBES[shape]
+        table = solve(name, spec, probes, deep_expand(), variants, out / "students")
+        table = table.assign(shape=shape, probes=probes)
         _append(path, table)
         for rule, rows in table.groupby("rule", sort=False):
             widths = ", ".join(f"{r.teacher_width}->{r.inferred_width}" for r in rows.itertuples())
@@ -320,6 +328,14 @@ def deep(
                 f"  {rows.seconds.iloc[0] + rows.student_seconds.iloc[0]:.0f}s",
                 flush=True,
             )
+
+
+def _deep_solved(path: Path) -> set:
+    """``(problem, probe points)`` of the rows of a deep table (tables of before the probe count
+    was recorded: 2000 points)."""
+    table = io.read_parquet(path)
+    probes = table["probes"] if "probes" in table else pd.Series(2000, index=table.index)
+    return set(zip(table.problem, probes.fillna(2000).astype(int), strict=True))
 
 
 def dtypes(count: int, out: Path) -> None:
@@ -410,22 +426,25 @@ def summary(out: Path) -> None:
     paths = sorted(out.glob("deep*.parquet"))  # one table, or one per shard
     if paths:
         table = pd.concat([io.read_parquet(p) for p in paths], ignore_index=True)
-        table["index"] = table.groupby(["rule", "problem"]).cumcount() + 1
+        probes = table["probes"] if "probes" in table else pd.Series(2000, index=table.index)
+        table["probes"] = probes.fillna(2000).astype(int)  # tables of before: 2000 points
+        table["index"] = table.groupby(["rule", "probes", "problem"]).cumcount() + 1
         table["layer_ok"] = (table.teacher_width == table.inferred_width) & (table.max_d_w < 1e-3)
-        print("\ndeep family (rate per layer, overall):")
+        print("\ndeep family (rate per layer, overall; n: probe points):")
         pad = max(map(len, table.rule))
-        for (rule, shape, act), rows in table.groupby(["rule", "shape", "activation"], sort=False):
+        keys = ["rule", "shape", "probes", "activation"]
+        for (rule, shape, n, act), rows in table.groupby(keys, sort=False):
             per_layer = rows.groupby("index").layer_ok.mean()
             overall = rows.groupby("problem").recovered.all()
             print(
-                f"  {rule:{pad}s} {shape:9s} {act:8s} "
+                f"  {rule:{pad}s} {shape:9s} n={n:<6d} {act:8s} "
                 + " ".join(f"L{i} {r:4.0%}" for i, r in per_layer.items())
                 + f"  overall {overall.mean():4.0%} ({int(overall.sum())}/{len(overall)})"
             )
-        for rule, rows in table.groupby("rule", sort=False):
+        for (rule, n), rows in table.groupby(["rule", "probes"], sort=False):
             overall = rows.groupby("problem").recovered.all()
             rate = f"{overall.mean():.0%} ({int(overall.sum())}/{len(overall)})"
-            print(f"  {rule}: all deep problems {rate}")
+            print(f"  {rule} (n={n}): all deep problems {rate}")
     path = out / "dtype.parquet"
     if path.exists():
         table = io.read_parquet(path).drop_duplicates(["problem", "dtype"])
@@ -591,11 +610,24 @@ def main() -> None:
     parser.add_argument(
         "--deep-nonlinearity", type=float, default=NONLINEAR, help="deep teachers' min_nonlinearity"
     )
+    parser.add_argument(
+        "--deep-probes",
+        nargs=2,
+        action="append",
+        metavar=("LAYERS", "N"),
+        help="probe points for the deep teachers with LAYERS hidden layers (default: "
+        + ", ".join(f"{k}: {v}" for k, v in DEEP_PROBES.items())
+        + ")",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/bench_recovery"))
     parser.add_argument("--summary", action="store_true", help="only print the tables' summary")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     DEEP_POLISHED, NONLINEAR = not args.no_deep_polish, args.deep_nonlinearity
+    for layers, points in args.deep_probes or ():
+        if f"{layers} layers" not in DEEP_PROBES or not points.isdigit():
+            parser.error(f"--deep-probes {layers} {points}: LAYERS is 2 or 3, N a count")
+        DEEP_PROBES[f"{layers} layers"] = int(points)
     if not args.summary:
         torch.set_num_threads(1)
         if "family" in args.parts:
