@@ -93,7 +93,7 @@ DEEP_SHAPES = {"2 layers": [(6, 8), (3, 5)], "3 layers": [(6, 8), (4, 6), (3, 4)
 # probe points per shape (``--deep-probes``). The rho = 4 students hold 600-1000 parameters with
 # two hidden layers, 800-1600 with three: with 2000 points the three-layer students fit the
 # probes 5-10x closer than held-out points, with 8000 within 1.5x, yet recover no more teachers
-# (README, recovery section), at 4x the cost
+# (README, recovery section), at 2-4x the CPU
 DEEP_PROBES = {"2 layers": 2000, "3 layers": 2000}
 
 
@@ -313,9 +313,9 @@ def deep(
     variants = {k: v for k, v in rules().items() if k in chosen}
     for position, (name, (shape, spec)) in enumerate(deep_family(seeds).items()):
         wanted = not only or name.startswith(tuple(only))
-        if (name, DEEP_PROBES[shape]) in done or not wanted or position % shards != index:
-            continue
         probes = DEEP_PROBES[shape]
+        if (name, probes) in done or not wanted or position % shards != index:
+            continue
         table = solve(name, spec, probes, deep_expand(), variants, out / "students")
         table = table.assign(shape=shape, probes=probes)
         _append(path, table)
@@ -330,12 +330,17 @@ def deep(
             )
 
 
-def _deep_solved(path: Path) -> set:
-    """``(problem, probe points)`` of the rows of a deep table (tables of before the probe count
-    was recorded: 2000 points)."""
-    table = io.read_parquet(path)
+def _probes(table: pd.DataFrame) -> pd.Series:
+    """The probe points of each row of a deep table (rows of before the count was recorded:
+    2000, the count they were run at)."""
     probes = table["probes"] if "probes" in table else pd.Series(2000, index=table.index)
-    return set(zip(table.problem, probes.fillna(2000).astype(int), strict=True))
+    return probes.fillna(2000).astype(int)
+
+
+def _deep_solved(path: Path) -> set:
+    """``(problem, probe points)`` of the rows of a deep table."""
+    table = io.read_parquet(path)
+    return set(zip(table.problem, _probes(table), strict=True))
 
 
 def dtypes(count: int, out: Path) -> None:
@@ -426,8 +431,7 @@ def summary(out: Path) -> None:
     paths = sorted(out.glob("deep*.parquet"))  # one table, or one per shard
     if paths:
         table = pd.concat([io.read_parquet(p) for p in paths], ignore_index=True)
-        probes = table["probes"] if "probes" in table else pd.Series(2000, index=table.index)
-        table["probes"] = probes.fillna(2000).astype(int)  # tables of before: 2000 points
+        table["probes"] = _probes(table)
         table["index"] = table.groupby(["rule", "probes", "problem"]).cumcount() + 1
         table["layer_ok"] = (table.teacher_width == table.inferred_width) & (table.max_d_w < 1e-3)
         print("\ndeep family (rate per layer, overall; n: probe points):")

@@ -61,6 +61,8 @@ TEACHERS = {
     # 5e-4 of mean(y^2) and one layer-2 neuron comes out 0.08 off (README, recovery section)
     "relu-8-6-4-s11": (_deep_relu((8, 6, 4), 11), 2000),
 }
+# the teachers test_recovery_deep.py checks; test_recovery.py checks the others
+DEEP_FILE = ("tanh-8-6-4-s11", "tanh-8-6-4-s12", "tanh-8-6-4-s13", "relu-8-6-4-s11")
 
 
 @functools.cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from recovery_cases import CLUSTER, STUDENTS, check_recovered, marked, solved
+from recovery_cases import CLUSTER, DEEP_FILE, STUDENTS, TEACHERS, check_recovered, marked, solved
 
 from pipeline.models import build, neuron_structure
 from pipeline.recovery.chain import chain_of, forward, member, stack
@@ -19,10 +19,7 @@ from pipeline.recovery.students import FitResult
 from pipeline.symmetry.actions import random_element
 
 
-@pytest.mark.parametrize(
-    "name",
-    marked(["relu-10d-4", "tanh-10d-4", "tanh-10-4-3-s11", "tanh-10-4-3-s12", "tanh-10-4-3-s13"]),
-)
+@pytest.mark.parametrize("name", marked([n for n in TEACHERS if n not in DEEP_FILE]))
 def test_toy_teachers_are_recovered(name):
     check_recovered(name)
 

@@ -6,11 +6,9 @@ teachers' 1-4 CPU minutes each."""
 from __future__ import annotations
 
 import pytest
-from recovery_cases import check_recovered, marked
+from recovery_cases import DEEP_FILE, check_recovered, marked
 
 
-@pytest.mark.parametrize(
-    "name", marked(["tanh-8-6-4-s11", "tanh-8-6-4-s12", "tanh-8-6-4-s13", "relu-8-6-4-s11"])
-)
+@pytest.mark.parametrize("name", marked(DEEP_FILE))
 def test_deep_toy_teachers_are_recovered(name):
     check_recovered(name)
