@@ -305,16 +305,21 @@ def deep(
     seeds: int, out: Path, chosen: list[str], only: list[str] | None = None, shard=(0, 1)
 ) -> None:
     """``only``: the problems whose names start with one of these (e.g. ``relu-``); ``shard``
-    ``(i, k)``: every k-th problem from the i-th, into ``OUT/deep-<i>of<k>.parquet`` (k
-    processes share the family; the students cache is shared, one file per problem)."""
+    ``(i, k)``: every k-th of the wanted problems from the i-th, into
+    ``OUT/deep-<i>of<k>.parquet`` (k processes share them; the students cache is shared, one
+    file per problem)."""
     index, shards = shard
     path = out / ("deep.parquet" if shards == 1 else f"deep-{index}of{shards}.parquet")
     done = set().union(*(_deep_solved(p) for p in out.glob("deep*.parquet")))
     variants = {k: v for k, v in rules().items() if k in chosen}
-    for position, (name, (shape, spec)) in enumerate(deep_family(seeds).items()):
-        wanted = not only or name.startswith(tuple(only))
+    wanted = {
+        name: item
+        for name, item in deep_family(seeds).items()
+        if not only or name.startswith(tuple(only))
+    }
+    for position, (name, (shape, spec)) in enumerate(wanted.items()):
         probes = DEEP_PROBES[shape]
-        if (name, probes) in done or not wanted or position % shards != index:
+        if (name, probes) in done or position % shards != index:
             continue
         table = solve(name, spec, probes, deep_expand(), variants, out / "students")
         table = table.assign(shape=shape, probes=probes)
@@ -606,7 +611,7 @@ def main() -> None:
         type=int,
         default=(0, 1),
         metavar=("I", "K"),
-        help="every K-th deep problem from the I-th (K processes share the family)",
+        help="every K-th wanted deep problem from the I-th (K processes share them)",
     )
     parser.add_argument(
         "--no-deep-polish", action="store_true", help="deep students without the L-BFGS polish"

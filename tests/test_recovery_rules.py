@@ -84,13 +84,14 @@ def found_directions(clusters, v, directions):
     return cos.abs()
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_close_neurons_that_every_student_holds_stay_two(seed):
+@settings(max_examples=examples(ci=40, thorough=400), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), activation=st.sampled_from(["relu", "tanh"]))
+def test_close_neurons_that_every_student_holds_stay_two(seed, activation):
     """Ten students each hold four unit directions (noise 1e-3), two of them 8-12 degrees
-    apart, plus 10-20 random leftovers: at the default config's cluster settings all four are
-    found, each once. Without the distinct-neurons rule the close pair is one cluster."""
-    gen = torch.Generator().manual_seed(100 + seed)
-    activation = ("relu", "tanh")[seed % 2]
+    apart, plus 10-20 random leftovers (for tanh, no scale symmetry: of norm 2-3 in 5-10
+    dimensions, against the neurons' 1): at the default config's cluster settings all four
+    are found, each once. Without the distinct-neurons rule the close pair is one cluster."""
+    gen = torch.Generator().manual_seed(seed)
     dim = int(torch.randint(5, 11, (1,), generator=gen))
     angle = 8 + 4 * float(torch.rand(1, generator=gen))
     directions = close_pair(gen, dim, angle)

@@ -21,6 +21,12 @@ def draw(kind: str, table_path, summary_path, spec: dict, pdf, png) -> None:
         if column not in table.columns:
             raise KeyError(f"figure option where.{column}: {table_path} has no column {column!r}")
         tables["table"] = table[table[column] == value]
+        if len(table) and tables["table"].empty:  # a blank figure is never what was asked for
+            present = ", ".join(map(repr, sorted(table[column].unique().tolist(), key=str)[:20]))
+            raise ValueError(
+                f"figure option where.{column}: {value!r} matches no row of {table_path} "
+                f"(its {column!r} values: {present})"
+            )
     if summary_path:
         tables["summary"] = io.read_parquet(summary_path)
     register_figure.get(kind)(tables, spec, pdf, png)

@@ -43,7 +43,10 @@ students' neurons pooled, ``M = N x width``) and ``a_i`` its outgoing vector:
      (linear terms, dead units), and high in the tree their loose unions gain enough students
      to outnumber the real neurons, which would set the cut there and merge real neurons
      away; the cut is then made in the run of that count which holds longest below the limit
-     (a short spike low in the tree, with a neuron still in two fragments, no longer wins);
+     (a short spike low in the tree, with a neuron still in two fragments, no longer wins),
+     a run's stretch measured only up to the largest limit among the clusters it counts
+     (vectors without a scale symmetry have mixed norms: a count of tight clusters of small
+     vectors is no evidence at the heights where only the large vectors' unions form);
    - ``distinct``: a merge whose two sides each hold neurons of the same ``s`` students is
      never made (nor any above it). A student network holds each teacher neuron once, or as
      duplicates with one incoming vector (splitting a neuron into copies is an exact symmetry
@@ -71,6 +74,7 @@ into a network is :mod:`pipeline.recovery.collapse`.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field, replace
 
@@ -413,9 +417,11 @@ def cut(
     tree, no longer set the cut).
     ``run``: ``max``, the first run of cuts attaining the largest count (the published rule), or
     ``stable`` (needs ``max_height``), the run of a nonzero count that holds over the longest
-    stretch of merge height up to (the largest) ``max_height``: a spike of the count low in the
-    tree (one neuron still in two fragments while another's looser copies have not joined yet)
-    loses to the plateau where every neuron is one cluster.
+    stretch of merge height, each cut's stretch counted up to the largest ``max_height`` among
+    the clusters it counts (:func:`_counted_reach`), and within it the gap of the ``gap`` rule
+    likewise: a spike of the count low in the tree (one neuron still in two fragments while
+    another's looser copies have not joined yet) loses to the plateau where every neuron is one
+    cluster.
 
     ``distinct`` (needs ``owner``): a merge whose two sides share ``>= min_support`` owners is
     never made, nor any merge above it; both sides stay clusters at every height. A student
@@ -464,10 +470,12 @@ def cut(
     first = int(np.argmax(at_ends == best))
     below = np.flatnonzero(at_ends[first:] < best)
     last = first + (int(below[0]) - 1 if len(below) else len(at_ends) - 1 - first)
+    reach = None
     if run == "stable" and max_height is not None:
-        cap = float(np.max(max_height))
-        h_end = np.minimum(heights[ends], cap)
-        span = np.append(h_end[1:], cap) - h_end
+        reach = _counted_reach(link, big, valid, max_height)[ends]
+        h_end = heights[ends]
+        top = np.append(h_end[1:], h_end[-1])
+        span = np.maximum(np.minimum(top, reach) - h_end, 0.0)
         starts = np.append(0, np.flatnonzero(np.diff(at_ends)) + 1)
         stops = np.append(starts[1:], len(at_ends))
         runs = [(span[a:b].sum(), at_ends[a], a, b - 1) for a, b in zip(starts, stops, strict=True)]
@@ -480,11 +488,46 @@ def cut(
         chosen = last
     else:
         after = np.append(heights, heights[-1])[ends[first : last + 1] + 1]
+        if reach is not None:  # a gap counts up to where the counted clusters' limits end
+            after = np.minimum(after, reach[first : last + 1])
         chosen = first + int(np.argmax(after - heights[ends[first : last + 1]]))
     height = float(heights[ends[chosen]])
     if not distinct:
         return fcluster(link, t=height, criterion="distance"), height, int(best)
     return _flat_labels(link, valid[m:] & (heights <= height)), height, int(best)
+
+
+def _counted_reach(
+    link: np.ndarray, big: np.ndarray, valid: np.ndarray, max_height: float | np.ndarray
+) -> np.ndarray:
+    """Per merge ``[m - 1]``: the largest spread limit (``max_height`` of the merge that formed
+    it) among the clusters that count once the merges up to it are made (0 when none counts).
+
+    A count is evidence of a stable partition only up to the limits of the clusters it counts:
+    past the largest of them, every cluster counted would be too loose were it formed there,
+    so the stretch above says nothing about them. With one limit for all (unit vectors) this is
+    that limit; with vectors of mixed norms (no scale symmetry) it keeps a count of tight
+    clusters of small vectors from being carried to the heights of the large ones (random
+    leftover neurons of norm 2-3 against teacher neurons of norm 1: the run where the leftovers'
+    loose unions no longer count, with a teacher neuron lost to them, would win)."""
+    m = len(link) + 1
+    limit = np.broadcast_to(np.asarray(max_height, dtype=np.float64), (m - 1,))
+    node_limit = np.concatenate([np.zeros(m), limit])
+    a, b = link[:, 0].astype(np.int64), link[:, 1].astype(np.int64)
+    active = [(-node_limit[i], i) for i in np.flatnonzero(big[:m])]
+    heapq.heapify(active)
+    counted = big[:m].copy().tolist() + [False] * (m - 1)
+    out = np.zeros(m - 1)
+    for i in range(m - 1):
+        if valid[m + i]:
+            counted[a[i]] = counted[b[i]] = False
+            if big[m + i]:
+                counted[m + i] = True
+                heapq.heappush(active, (-node_limit[m + i], m + i))
+        while active and not counted[active[0][1]]:
+            heapq.heappop(active)
+        out[i] = -active[0][0] if active else 0.0
+    return out
 
 
 def _flat_labels(link: np.ndarray, made: np.ndarray) -> np.ndarray:
